@@ -1,0 +1,3 @@
+"""imgx_diffusion."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+"""imgx_train."""
+
+__version__ = "0.1.0"
