@@ -1,0 +1,78 @@
+"""Every workspace package builds a wheel whose metadata keeps to the allowed dependency edges.
+
+The edges are those of `shared/spec/overview.md`: a dependency outside a package's set is a
+design bug, caught here from the built metadata rather than from the source.
+"""
+
+import re
+import shutil
+import subprocess
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+ALLOWED = {
+    "imgx-diffusion": {"jax", "chex", "numpy"},
+    "imgx-nets": {"jax", "flax", "chex"},
+    "imgx-data": {
+        "jax", "chex", "numpy", "scipy", "tensorflow-datasets", "array-record", "grain",
+        "simpleitk", "scikit-image", "etils",
+    },
+    "imgx-train": {
+        "imgx-diffusion", "imgx-nets", "imgx-data", "jax", "chex", "optax",
+        "orbax-checkpoint", "wandb", "scipy", "matplotlib", "tqdm", "numpy",
+    },
+    "imgx-cli": {"imgx-train", "imgx-data", "fire"},
+}  # fmt: skip
+FORBIDDEN = {"tensorflow", "torch", "tf-nightly", "tensorflow-cpu"}
+
+
+def _requirements(wheel: Path) -> set[str]:
+    with zipfile.ZipFile(wheel) as zf:
+        name = next(n for n in zf.namelist() if n.endswith(".dist-info/METADATA"))
+        metadata = zf.read(name).decode()
+    reqs = set()
+    for line in metadata.splitlines():
+        if line.startswith("Requires-Dist:") and "extra ==" not in line:
+            spec = line.split(":", 1)[1].strip()
+            reqs.add(re.split(r"[\s\[<>=!~;(]", spec, maxsplit=1)[0].lower().replace("_", "-"))
+    return reqs
+
+
+@pytest.fixture(scope="module")
+def wheels(tmp_path_factory) -> dict[str, Path]:
+    if shutil.which("uv") is None:
+        pytest.fail("uv is not on PATH: install it with `pip install uv`")
+    out = tmp_path_factory.mktemp("wheels")
+    subprocess.run(
+        ["uv", "build", "--all-packages", "--wheel", "-o", str(out)],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    found = {}
+    for wheel in out.glob("*.whl"):
+        found[wheel.name.split("-")[0].replace("_", "-")] = wheel
+    return found
+
+
+@pytest.mark.parametrize("package", sorted(ALLOWED))
+def test_wheel_builds_with_allowed_dependencies(wheels, package):
+    assert package in wheels, f"no wheel built for {package}: {sorted(wheels)}"
+    reqs = _requirements(wheels[package])
+    assert reqs <= ALLOWED[package], f"{package} requires {sorted(reqs - ALLOWED[package])}"
+    assert not reqs & FORBIDDEN
+
+
+def test_imgx_packages_use_compatible_release_bounds(wheels):
+    for package, wheel in wheels.items():
+        with zipfile.ZipFile(wheel) as zf:
+            name = next(n for n in zf.namelist() if n.endswith(".dist-info/METADATA"))
+            metadata = zf.read(name).decode()
+        for line in metadata.splitlines():
+            if line.startswith("Requires-Dist: imgx"):
+                assert "<0.2" in line and ">=0.1" in line, f"{package}: {line}"
