@@ -1,3 +1,47 @@
-"""imgx_data."""
+"""imgx_data: medical image datasets (TFDS array_record builders), I/O and preprocessing.
+
+Public API (re-exported here)::
+
+    data_dir, list_datasets, dataset_info, build, ensure_built, data_source, postprocess,
+    DatasetInfo, DataSource, DatasetError, io (read_image, write_image, Geometry, ...),
+    restore_to_original, resample_to_geometry
+"""
+
+from imgx_data import io
+from imgx_data.errors import DatasetError
+from imgx_data.io import Geometry, read_channels, read_image, write_image
+from imgx_data.preprocess import example_geometry, resample_to_geometry, restore_to_original
+from imgx_data.registry import (
+    DatasetInfo,
+    DataSource,
+    build,
+    data_dir,
+    data_source,
+    dataset_info,
+    ensure_built,
+    list_datasets,
+    postprocess,
+)
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "DataSource",
+    "DatasetError",
+    "DatasetInfo",
+    "Geometry",
+    "build",
+    "data_dir",
+    "data_source",
+    "dataset_info",
+    "ensure_built",
+    "example_geometry",
+    "io",
+    "list_datasets",
+    "postprocess",
+    "read_channels",
+    "read_image",
+    "resample_to_geometry",
+    "restore_to_original",
+    "write_image",
+]

@@ -1,0 +1,325 @@
+"""What all imgx dataset builders share: features, metadata, raw-file checks."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import SimpleITK as sitk
+import tensorflow_datasets as tfds
+
+from imgx_data.errors import DatasetError
+from imgx_data.io import Geometry, check_same_geometry, read_sitk_image
+from imgx_data.preprocess import PreprocessedCase, preprocess_volume
+
+SPLITS = ("train", "valid", "test")
+DATASET_VERSION = "1.0.0"
+METADATA_KEY = "imgx"
+
+Example = tuple[str, dict[str, Any]]
+
+
+def example_features(shape: Sequence[int], num_channels: int) -> tfds.features.FeaturesDict:
+    """TFDS features of one case: image/label on the stored grid plus both geometries.
+
+    Shapes (ndim = len(shape)): ``image`` float32 ``(*shape, channels)``, ``label`` uint8
+    ``shape``; ``spacing``/``origin`` float32 ``(ndim,)`` in mm and ``direction``
+    ``(ndim * ndim,)`` of the stored grid; ``original_*`` the same for the raw file plus
+    ``original_shape``; ``crop_start`` int32 ``(ndim,)``, the stored window's start in the
+    resampled grid.
+    """
+    ndim = len(shape)
+    zlib = tfds.features.Encoding.ZLIB
+
+    def vector(size: int, dtype: type = np.float32) -> tfds.features.Tensor:
+        return tfds.features.Tensor(shape=(size,), dtype=dtype)
+
+    return tfds.features.FeaturesDict(
+        {
+            "uid": tfds.features.Text(),
+            "image": tfds.features.Tensor(
+                shape=(*shape, num_channels), dtype=np.float32, encoding=zlib
+            ),
+            "label": tfds.features.Tensor(shape=tuple(shape), dtype=np.uint8, encoding=zlib),
+            "spacing": vector(ndim),
+            "origin": vector(ndim),
+            "direction": vector(ndim * ndim),
+            "original_shape": vector(ndim, np.int32),
+            "original_spacing": vector(ndim),
+            "original_origin": vector(ndim),
+            "original_direction": vector(ndim * ndim),
+            "crop_start": vector(ndim, np.int32),
+        }
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    """What a dataset holds, stored in its ``metadata.json`` under ``"imgx"``.
+
+    Attributes:
+        num_spatial_dims: 2 or 3.
+        image_shape: stored spatial shape ``(x, y[, z])``.
+        num_channels: image channels.
+        class_names: full names, background first.
+        overlapping: classes are nested regions (region i = label >= i), trained with
+            sigmoids, instead of exclusive classes.
+        spacing: stored voxel size per axis, mm.
+        postprocess: name of the post-processing applied before metrics, or None.
+        manual_dir: what ``--manual-dir`` points at, or None for generated data.
+    """
+
+    num_spatial_dims: int
+    image_shape: tuple[int, ...]
+    num_channels: int
+    class_names: tuple[str, ...]
+    overlapping: bool
+    spacing: tuple[float, ...]
+    postprocess: str | None
+    manual_dir: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-friendly dict (tuples become lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in vars(self).items()}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> DatasetSpec:
+        """Inverse of :meth:`to_json`."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(
+            **{k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in fields}
+        )
+
+
+class ImgxBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """Base of the imgx builders: array_record files, imgx features and metadata.
+
+    Subclasses set the class attributes and implement ``_split_generators``. The target
+    grid defaults to the spec's; ``target_spacing``/``target_shape`` override it (tests,
+    experiments), and the stored metadata always records what was built.
+    """
+
+    VERSION = tfds.core.Version(DATASET_VERSION)
+    RELEASE_NOTES: ClassVar[dict[str, str]] = {DATASET_VERSION: "First imgx release."}
+    CLASS_NAMES: ClassVar[tuple[str, ...]]
+    TARGET_SHAPE: ClassVar[tuple[int, ...]]
+    TARGET_SPACING: ClassVar[tuple[float, ...]]
+    NUM_CHANNELS: ClassVar[int] = 1
+    OVERLAPPING: ClassVar[bool] = False
+    POSTPROCESS: ClassVar[str | None] = None
+    MANUAL_DIR: ClassVar[str | None] = None
+    DESCRIPTION: ClassVar[str] = ""
+    HOMEPAGE: ClassVar[str] = ""
+    CITATION: ClassVar[str] = ""
+
+    def __init__(
+        self,
+        *,
+        target_spacing: Sequence[float] | None = None,
+        target_shape: Sequence[int] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self.target_spacing = tuple(
+            float(s) for s in (self.TARGET_SPACING if target_spacing is None else target_spacing)
+        )
+        self.target_shape = tuple(
+            int(s) for s in (self.TARGET_SHAPE if target_shape is None else target_shape)
+        )
+        if len(self.target_spacing) != len(self.target_shape):
+            raise DatasetError(
+                f"{self.name}: target spacing {self.target_spacing} and target shape "
+                f"{self.target_shape} must have one value per spatial axis."
+            )
+        kwargs.setdefault("file_format", "array_record")
+        super().__init__(**kwargs)
+
+    @tfds.core.utils.classproperty
+    @classmethod
+    def code_path(cls) -> None:
+        """No code-relative checksum files: nothing is downloaded (and tfds 4.9.10's
+        lookup needs ``importlib_resources``, which is not a dependency)."""
+        return None
+
+    @classmethod
+    def default_spec(cls) -> DatasetSpec:
+        """The spec of the dataset built with the default target grid."""
+        return cls._spec(cls.TARGET_SHAPE, cls.TARGET_SPACING)
+
+    @classmethod
+    def _spec(cls, shape: Sequence[int], spacing: Sequence[float]) -> DatasetSpec:
+        return DatasetSpec(
+            num_spatial_dims=len(shape),
+            image_shape=tuple(shape),
+            num_channels=cls.NUM_CHANNELS,
+            class_names=cls.CLASS_NAMES,
+            overlapping=cls.OVERLAPPING,
+            spacing=tuple(spacing),
+            postprocess=cls.POSTPROCESS,
+            manual_dir=cls.MANUAL_DIR,
+        )
+
+    @property
+    def spec(self) -> DatasetSpec:
+        """The spec of this build (instances may set their own classes and channels)."""
+        return dataclasses.replace(
+            self._spec(self.target_shape, self.target_spacing),
+            num_channels=self.NUM_CHANNELS,
+            class_names=self.CLASS_NAMES,
+        )
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=self.DESCRIPTION,
+            features=example_features(self.target_shape, self.spec.num_channels),
+            homepage=self.HOMEPAGE,
+            citation=self.CITATION,
+            # Keep the generation order (sorted / published order) for reproducible reads.
+            disable_shuffling=True,
+            metadata=tfds.core.MetadataDict({METADATA_KEY: self.spec.to_json()}),
+        )
+
+    def raw_dir(self, dl_manager: tfds.download.DownloadManager) -> Path:
+        """The user's ``--manual-dir``, checked to exist and to be non-empty."""
+        directory = dl_manager._manual_dir
+        if directory is None:
+            raise DatasetError(
+                f"{self.name}: no manual dir given; pass --manual-dir pointing at "
+                f"{self.MANUAL_DIR}."
+            )
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise DatasetError(
+                f"{directory}: manual dir not found; it should hold {self.MANUAL_DIR}."
+            )
+        if not any(directory.iterdir()):
+            raise DatasetError(
+                f"{directory}: manual dir is empty; it should hold {self.MANUAL_DIR}."
+            )
+        return directory
+
+
+def require_file(path: Path, what: str) -> Path:
+    """Returns ``path`` or raises DatasetError naming it and what it should be."""
+    if not path.is_file():
+        raise DatasetError(f"{path}: {what} not found.")
+    return path
+
+
+def require_dir(path: Path, what: str) -> Path:
+    """Returns ``path`` or raises DatasetError naming it and what it should be."""
+    if not path.is_dir():
+        raise DatasetError(f"{path}: {what} not found.")
+    return path
+
+
+def check_finite(array: np.ndarray, path: Path) -> None:
+    """Raises DatasetError if an image holds NaN or infinite values."""
+    if not np.all(np.isfinite(array)):
+        count = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
+        raise DatasetError(f"{path}: {count} NaN or infinite intensities; fix or drop the file.")
+
+
+def check_label_values(array: np.ndarray, allowed: Sequence[int], path: Path) -> None:
+    """Raises DatasetError if a label map holds values outside ``allowed``."""
+    values = np.unique(array)
+    bad = sorted(set(values.tolist()) - {int(v) for v in allowed})
+    if bad or not np.all(np.equal(np.mod(values, 1), 0)):
+        raise DatasetError(
+            f"{path}: label values {bad or values.tolist()} are not in the class list "
+            f"{sorted(int(v) for v in allowed)}."
+        )
+
+
+def read_case(
+    case: str,
+    image_paths: Sequence[Path],
+    label_path: Path,
+    allowed_labels: Sequence[int],
+) -> tuple[sitk.Image, sitk.Image, np.ndarray]:
+    """Reads and checks the image channel files and label file of one case.
+
+    Checks: files exist and are readable, all grids agree with the label's, intensities
+    are finite, label values are in ``allowed_labels``.
+
+    Returns:
+        The (vector, if several channels or a 4D file) float32 image, the uint8 label image
+        and the raw label array in SimpleITK's ``(z, y, x)`` order.
+    """
+    label_image = read_sitk_image(label_path)
+    label_array = sitk.GetArrayFromImage(label_image)
+    check_label_values(label_array, allowed_labels, label_path)
+    label_geometry = Geometry.of(label_image)
+    channels = []
+    for path in image_paths:
+        image = read_sitk_image(path)
+        check_same_geometry(
+            label_geometry,
+            Geometry.of(image),
+            case=case,
+            reference_name=f"label {label_path.name}",
+            other_name=f"image {path.name}",
+        )
+        check_finite(sitk.GetArrayViewFromImage(image), path)
+        components = image.GetNumberOfComponentsPerPixel()
+        if components == 1:
+            channels.append(sitk.Cast(image, sitk.sitkFloat32))
+        else:
+            channels += [
+                sitk.Cast(sitk.VectorIndexSelectionCast(image, c), sitk.sitkFloat32)
+                for c in range(components)
+            ]
+    image = channels[0] if len(channels) == 1 else sitk.Compose(channels)
+    return image, sitk.Cast(label_image, sitk.sitkUInt8), label_array
+
+
+def preprocess_case(
+    builder: ImgxBuilder,
+    image: sitk.Image,
+    label: sitk.Image,
+    *,
+    intensity_range: tuple[float, float] | None = None,
+    resample: bool = True,
+    window_start: Sequence[int] | None = None,
+    normalise: bool = True,
+) -> PreprocessedCase:
+    """:func:`imgx_data.preprocess.preprocess_volume` with the builder's target grid."""
+    return preprocess_volume(
+        image,
+        label,
+        target_spacing=builder.target_spacing if resample else None,
+        target_shape=builder.target_shape,
+        intensity_range=intensity_range,
+        window_start=window_start,
+        normalise=normalise,
+    )
+
+
+def find_nifti(directory: Path, stem: str) -> Path:
+    """``directory/stem.nii.gz`` or ``directory/stem.nii``, else DatasetError."""
+    for suffix in (".nii.gz", ".nii"):
+        if (directory / f"{stem}{suffix}").is_file():
+            return directory / f"{stem}{suffix}"
+    raise DatasetError(f"{directory / stem}.nii.gz: file not found (nor {stem}.nii).")
+
+
+def read_json(path: Path) -> Any:
+    """Parses a JSON file, raising DatasetError naming it when missing or malformed."""
+    require_file(path, "JSON file")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DatasetError(f"{path}: not valid JSON ({exc}).") from exc
+
+
+def generate_split(
+    cases: Sequence[Any], load: Callable[[Any], tuple[str, PreprocessedCase]]
+) -> Iterator[Example]:
+    """Yields ``(uid, example)`` for each case, ``load(case) -> (uid, PreprocessedCase)``."""
+    for case in cases:
+        uid, processed = load(case)
+        yield uid, processed.to_example(uid)

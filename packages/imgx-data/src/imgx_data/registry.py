@@ -1,0 +1,341 @@
+"""Finding, describing, building and reading imgx datasets by name.
+
+Datasets live in the data dir as ``<data_dir>/<name>/<version>/`` (TFDS array_record).
+Published and built-in names: see :data:`imgx_data.datasets.BUILDERS`; user datasets
+built from a NIfTI folder are found by scanning the data dir.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from imgx_data.datasets import BUILDERS, GENERATED, NiftiFolder, nifti_folder_builder
+from imgx_data.datasets.base import DATASET_VERSION, METADATA_KEY, SPLITS, DatasetSpec
+from imgx_data.errors import DatasetError
+from imgx_data.postprocess import POSTPROCESSORS
+
+NIFTI_FOLDER = "nifti_folder"
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    """What a dataset holds, for training and evaluation code.
+
+    Attributes:
+        name: dataset name.
+        num_spatial_dims: 2 or 3.
+        image_shape: stored spatial shape ``(x, y[, z])``.
+        num_channels: image channels (last axis of ``image``).
+        class_names: full class names, background first.
+        overlapping: classes are nested regions (region i = label >= i, sigmoid) rather
+            than exclusive classes (softmax).
+        spacing: stored voxel size per axis, mm.
+        split_sizes: examples per split (empty when not built).
+        is_built: the dataset exists in the data dir.
+        postprocess: post-processing applied before metrics (:func:`postprocess`) or None.
+        manual_dir: what ``--manual-dir`` points at (None for generated data).
+        path: the dataset's folder ``<data_dir>/<name>/<version>``.
+    """
+
+    name: str
+    num_spatial_dims: int
+    image_shape: tuple[int, ...]
+    num_channels: int
+    class_names: tuple[str, ...]
+    overlapping: bool
+    spacing: tuple[float, ...]
+    split_sizes: dict[str, int]
+    is_built: bool
+    postprocess: str | None
+    manual_dir: str | None
+    path: Path
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes including background."""
+        return len(self.class_names)
+
+
+def _resolve_data_dir(path: str | Path | None) -> Path:
+    if path is None:
+        path = os.environ.get("IMGX_DATA_DIR") or os.environ.get("TFDS_DATA_DIR")
+    return Path(path or Path.home() / "tensorflow_datasets").expanduser()
+
+
+def data_dir(data_dir: str | Path | None = None) -> Path:
+    """The data dir: the argument, else ``$IMGX_DATA_DIR``, else ``$TFDS_DATA_DIR``, else
+    ``~/tensorflow_datasets``."""
+    return _resolve_data_dir(data_dir)
+
+
+def _dataset_path(name: str, root: Path) -> Path:
+    return root / name / DATASET_VERSION
+
+
+def _is_built(path: Path) -> bool:
+    return (path / "dataset_info.json").is_file() and (path / "metadata.json").is_file()
+
+
+def _user_dataset_names(root: Path) -> list[str]:
+    """Names of datasets in ``root`` built from NIfTI folders."""
+    names = []
+    for path in sorted(root.glob(f"*/{DATASET_VERSION}/metadata.json")):
+        name = path.parent.parent.name
+        if name not in BUILDERS and _is_built(path.parent):
+            names.append(name)
+    return names
+
+
+def _info_from_disk(name: str, path: Path) -> DatasetInfo:
+    spec = DatasetSpec.from_json(json.loads((path / "metadata.json").read_text())[METADATA_KEY])
+    splits = json.loads((path / "dataset_info.json").read_text()).get("splits", [])
+    sizes = {s["name"]: sum(int(n) for n in s.get("shardLengths", [])) for s in splits}
+    return _make_info(name, spec, {k: sizes.get(k, 0) for k in SPLITS}, path)
+
+
+def _make_info(name: str, spec: DatasetSpec, sizes: dict[str, int], path: Path) -> DatasetInfo:
+    return DatasetInfo(
+        name=name,
+        num_spatial_dims=spec.num_spatial_dims,
+        image_shape=spec.image_shape,
+        num_channels=spec.num_channels,
+        class_names=spec.class_names,
+        overlapping=spec.overlapping,
+        spacing=spec.spacing,
+        split_sizes=sizes,
+        is_built=bool(sizes),
+        postprocess=spec.postprocess,
+        manual_dir=spec.manual_dir,
+        path=path,
+    )
+
+
+def dataset_names(data_dir: str | Path | None = None) -> list[str]:
+    """Published/built-in names followed by the user datasets built in the data dir."""
+    return [*BUILDERS, *_user_dataset_names(_resolve_data_dir(data_dir))]
+
+
+def dataset_info(name: str, data_dir: str | Path | None = None) -> DatasetInfo:
+    """Describes a dataset, built or not (then with the default target grid).
+
+    Raises:
+        ValueError: unknown name (the message lists the valid names).
+    """
+    root = _resolve_data_dir(data_dir)
+    path = _dataset_path(name, root)
+    if _is_built(path):
+        return _info_from_disk(name, path)
+    if name in BUILDERS:
+        return _make_info(name, BUILDERS[name].default_spec(), {}, path)
+    raise DatasetError(
+        f"Unknown dataset {name!r}; valid names: {', '.join(dataset_names(root))} "
+        f"(or build your own with `imgx build {NIFTI_FOLDER} --manual-dir DIR --name NAME`)."
+    )
+
+
+def list_datasets(data_dir: str | Path | None = None) -> list[DatasetInfo]:
+    """Every known dataset (published, built-in and the user's), built or not."""
+    return [dataset_info(name, data_dir) for name in dataset_names(data_dir)]
+
+
+@contextlib.contextmanager
+def _extracted(manual_dir: str | Path | None) -> Iterator[Path | None]:
+    """The manual dir, or a temporary folder holding the extracted zip file given."""
+    if manual_dir is None:
+        yield None
+        return
+    manual_dir = Path(manual_dir).expanduser()
+    if manual_dir.is_file() and zipfile.is_zipfile(manual_dir):
+        with tempfile.TemporaryDirectory(prefix="imgx-extract-") as tmp:
+            with zipfile.ZipFile(manual_dir) as archive:
+                archive.extractall(tmp)
+            yield Path(tmp)
+        return
+    if not manual_dir.is_dir():
+        raise DatasetError(f"{manual_dir}: manual dir not found (a folder or a .zip file).")
+    if not any(manual_dir.iterdir()):
+        raise DatasetError(f"{manual_dir}: manual dir is empty.")
+    yield manual_dir
+
+
+def build_command(name: str) -> str:
+    """The ``imgx build`` command for a published dataset."""
+    return f"imgx build {name} --manual-dir DIR  # DIR: {BUILDERS[name].MANUAL_DIR}"
+
+
+def build(
+    name: str,
+    *,
+    manual_dir: str | Path | None = None,
+    data_dir: str | Path | None = None,
+    overwrite: bool = False,
+    **options: Any,
+) -> DatasetInfo:
+    """Builds a dataset into the data dir and describes it.
+
+    Args:
+        name: a published/built-in name, or ``"nifti_folder"`` with ``options["name"]``.
+        manual_dir: folder (or zip file) with the raw files; see :class:`DatasetInfo`'s
+            ``manual_dir`` for what it must hold. Not needed for the phantoms.
+        data_dir: see :func:`data_dir`.
+        overwrite: rebuild a dataset that is already built (else it is kept).
+        **options: builder options: ``target_spacing``/``target_shape`` for every builder,
+            ``split_sizes`` for the phantoms; for ``nifti_folder``: ``name`` (required),
+            ``spacing``, ``shape``.
+
+    Returns:
+        The built dataset's DatasetInfo.
+
+    Raises:
+        DatasetError: bad raw input; nothing is left in the data dir.
+    """
+    root = _resolve_data_dir(data_dir)
+    if name == NIFTI_FOLDER:
+        dataset_name = options.pop("name", None)
+        if not dataset_name:
+            raise DatasetError(
+                f"{NIFTI_FOLDER} needs a name: build('{NIFTI_FOLDER}', name=NAME, ...)."
+            )
+        if dataset_name in BUILDERS or dataset_name == NIFTI_FOLDER:
+            raise DatasetError(
+                f"Name {dataset_name!r} is taken by a built-in dataset; choose another."
+            )
+        if manual_dir is None:
+            raise DatasetError(f"{NIFTI_FOLDER} needs --manual-dir: {NiftiFolder.MANUAL_DIR}.")
+    elif name in BUILDERS:
+        dataset_name = name
+        if name not in GENERATED and manual_dir is None:
+            raise DatasetError(f"{name} needs the raw files: {build_command(name)}")
+    else:
+        raise DatasetError(
+            f"Unknown dataset {name!r}; buildable: {', '.join([*BUILDERS, NIFTI_FOLDER])}."
+        )
+    path = _dataset_path(dataset_name, root)
+    if _is_built(path) and not overwrite:
+        return _info_from_disk(dataset_name, path)
+    existed = (root / dataset_name).exists()
+    with _extracted(manual_dir) as raw, tempfile.TemporaryDirectory(prefix="imgx-dl-") as dl:
+        try:
+            if name == NIFTI_FOLDER:
+                builder = nifti_folder_builder(dataset_name)(root=raw, data_dir=root, **options)
+            else:
+                builder = BUILDERS[name](data_dir=root, **options)
+            mode = tfds.download.GenerateMode
+            builder.download_and_prepare(
+                download_dir=dl,
+                download_config=tfds.download.DownloadConfig(
+                    manual_dir=None if raw is None else str(raw),
+                    download_mode=mode.REUSE_DATASET_IF_EXISTS
+                    if not overwrite
+                    else mode.FORCE_REDOWNLOAD,
+                ),
+            )
+        except BaseException:
+            # TFDS removes its incomplete dir; also remove the empty parent it created.
+            if not existed:
+                shutil.rmtree(root / dataset_name, ignore_errors=True)
+            raise
+    return _info_from_disk(dataset_name, path)
+
+
+def ensure_built(name: str, data_dir: str | Path | None = None) -> DatasetInfo:
+    """The dataset's info, building the phantoms on first use.
+
+    Raises:
+        DatasetError: another dataset is not built (the message holds the build command),
+            or the name is unknown.
+    """
+    info = dataset_info(name, data_dir)
+    if info.is_built:
+        return info
+    if name in GENERATED:
+        return build(name, data_dir=data_dir)
+    raise DatasetError(
+        f"Dataset {name!r} is not built in {_resolve_data_dir(data_dir)}; run: "
+        f"{build_command(name)}"
+    )
+
+
+class DataSource:
+    """Random access to one split: ``len(source)``, ``source[i]`` -> dict of numpy arrays.
+
+    ``uid`` is a str, ``image`` float32 ``(*spatial, channels)``, ``label`` uint8
+    ``(*spatial)``, geometry fields as stored (see
+    :func:`imgx_data.datasets.base.example_features`).
+    """
+
+    def __init__(self, source: Any, name: str, split: str) -> None:
+        self._source = source
+        self.name = name
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        example = dict(self._source[index])
+        uid = example["uid"]
+        example["uid"] = uid.decode("utf-8") if isinstance(uid, bytes) else str(uid)
+        return example
+
+    def __repr__(self) -> str:
+        return f"DataSource(name={self.name!r}, split={self.split!r}, len={len(self)})"
+
+
+def data_source(name: str, split: str, data_dir: str | Path | None = None) -> DataSource:
+    """Random-access source of a built dataset's split (``train``, ``valid``, ``test``).
+
+    Raises:
+        DatasetError: unknown split or dataset, or dataset not built.
+    """
+    if split not in SPLITS:
+        raise DatasetError(f"Unknown split {split!r}; valid splits: {', '.join(SPLITS)}.")
+    info = dataset_info(name, data_dir)
+    if not info.is_built:
+        raise DatasetError(f"Dataset {name!r} is not built; run imgx_data.ensure_built({name!r}).")
+    builder = tfds.builder_from_directory(str(info.path))
+    return DataSource(builder.as_data_source(split=split), name, split)
+
+
+def postprocess(name: str, label: np.ndarray, spacing: Any = None) -> np.ndarray:
+    """Applies the dataset's post-processing to one predicted label map (or identity).
+
+    Args:
+        name: dataset name.
+        label: integer labels ``(*spatial)`` in ``(x, y[, z])`` order.
+        spacing: voxel size per axis, mm (unused by the current post-processings, which
+            follow their papers in pixel units).
+
+    Returns:
+        The post-processed label map, same shape and dtype.
+    """
+    del spacing
+    method = BUILDERS[name].POSTPROCESS if name in BUILDERS else None
+    if method is None:
+        return np.asarray(label)
+    return POSTPROCESSORS[method](np.asarray(label))
+
+
+__all__ = [
+    "DataSource",
+    "DatasetInfo",
+    "build",
+    "data_dir",
+    "data_source",
+    "dataset_info",
+    "ensure_built",
+    "list_datasets",
+    "postprocess",
+]
