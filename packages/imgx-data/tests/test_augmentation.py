@@ -185,6 +185,20 @@ def test_foreground_oversampling_centres_patches_on_foreground():
     assert np.all((starts >= 0) & (starts <= 18))
 
 
+@pytest.mark.parametrize(("class_balance", "expected_small"), [(True, 0.5), (False, 1 / 37)])
+def test_foreground_class_balance(class_balance, expected_small):
+    # class 1: 36 voxels, class 2: 1 voxel; centred patches land on class 2 half the time
+    # when balanced, 1/37 of the time when drawn uniformly over foreground voxels.
+    label = jnp.zeros((32, 32), jnp.uint8).at[4:10, 4:10].set(1).at[20, 20].set(2)
+    keys = jax.random.split(jax.random.key(4), 1000)
+    starts = jax.jit(jax.vmap(lambda k: random_patch_start(k, label, (8, 8), 1.0, class_balance)))(
+        keys
+    )
+    centres = np.asarray(starts) + 4
+    small = np.mean(np.asarray(label)[centres[:, 0], centres[:, 1]] == 2)
+    assert abs(small - expected_small) < 3 * np.sqrt(expected_small * (1 - expected_small) / 1000)
+
+
 def test_foreground_patch_stays_inside_image_and_holds_foreground():
     label = jnp.zeros((16, 8), jnp.uint8).at[0, 7].set(2)  # a corner voxel
     keys = jax.random.split(jax.random.key(2), 50)

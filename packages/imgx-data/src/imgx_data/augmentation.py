@@ -23,7 +23,10 @@ flips with probability ``flip_probability``. In 3D the rotation is
 ``R = R_x(θ_x) · R_y(θ_y) · R_z(θ_z)`` and the shear has one angle per axis pair ``(i, j)``,
 ``i < j``: ``H_ij = tan(φ_ij)``. Patches are centred uniformly at random or, with probability
 ``foreground_fraction``, on a random foreground voxel (label > 0), moved the least needed to keep
-the patch inside the image (nnU-Net-style oversampling, Isensee et al., Nat. Methods 2021).
+the patch inside the image (nnU-Net-style oversampling, Isensee et al., Nat. Methods 2021). With
+``foreground_class_balance`` the voxel is drawn with probability ``∝ 1 / n_c`` for a voxel of
+class ``c`` (``n_c`` voxels of that class in the sample), so every present class is equally
+likely to be centred, however small it is.
 
 Defaults follow the published toolkit (ImgX-DiffSeg, Fu et al. 2023): rotation ±30°,
 zoom ±0.2, shear ±30°, shift ±0.3 of the size, log γ ± 0.3, probability 0.5 each.
@@ -40,6 +43,9 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+# Class-balanced patch sampling counts labels with a fixed-size bincount (uint8 labels).
+_MAX_CLASSES = 256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +66,8 @@ class AugmentationConfig:
         rescale: min-max rescale each channel to [0, 1] after resampling.
         patch_shape: spatial shape of the random patch; None keeps the whole image.
         foreground_fraction: share of patches centred on a random foreground voxel.
+        foreground_class_balance: draw the foreground voxel's class uniformly among the
+            classes present (labels < 256), not in proportion to their volume.
     """
 
     rotation_degrees: float = 30.0
@@ -74,6 +82,7 @@ class AugmentationConfig:
     rescale: bool = True
     patch_shape: tuple[int, ...] | None = None
     foreground_fraction: float = 0.0
+    foreground_class_balance: bool = True
 
     def __post_init__(self):
         for name in ("probability", "flip_probability", "foreground_fraction"):
@@ -294,20 +303,24 @@ def random_patch_start(
     label: jax.Array,
     patch_shape: tuple[int, ...],
     foreground_fraction: float,
+    class_balance: bool = True,
 ) -> jax.Array:
     """Integer start of a random patch, centred on foreground with ``foreground_fraction``.
 
     Uniform patches start anywhere in ``[0, n − p]`` per axis. A foreground patch puts a
     random voxel with ``label > 0`` at patch index ``p // 2``, then shifts the start into
-    ``[0, n − p]``, so the voxel is always inside the patch. An image without foreground
-    gets a uniform patch. Where the patch is larger than the image (``p > n``) the start is
-    ``⌊(n − p) / 2⌋`` and the patch pads the image with zeros.
+    ``[0, n − p]``, so the voxel is always inside the patch. With ``class_balance`` a voxel
+    of class ``c`` is drawn with probability ``1 / (K · n_c)`` (``K`` classes present,
+    ``n_c`` voxels of class ``c``), else uniformly among all foreground voxels. An image
+    without foreground gets a uniform patch. Where the patch is larger than the image
+    (``p > n``) the start is ``⌊(n − p) / 2⌋`` and the patch pads the image with zeros.
 
     Args:
         key: PRNG key.
         label: ``(*spatial)`` integer labels.
         patch_shape: spatial patch shape.
         foreground_fraction: probability of a foreground-centred patch.
+        class_balance: give every foreground class present the same chance.
 
     Returns:
         ``(ndim,)`` int32.
@@ -317,8 +330,15 @@ def random_patch_start(
     high = image_shape - patch
     key_choice, key_uniform, key_voxel = jax.random.split(key, 3)
     uniform_start = jax.random.randint(key_uniform, (len(patch),), 0, np.maximum(high, 0) + 1)
-    foreground = label.reshape(-1) > 0
-    flat_index = jax.random.categorical(key_voxel, jnp.where(foreground, 0.0, -jnp.inf))
+    flat_label = label.reshape(-1).astype(jnp.int32)
+    foreground = flat_label > 0
+    if class_balance:
+        counts = jnp.bincount(flat_label, length=_MAX_CLASSES)
+        class_count = counts[jnp.clip(flat_label, 0, _MAX_CLASSES - 1)]
+        log_weight = -jnp.log(class_count.astype(jnp.float32))
+    else:
+        log_weight = jnp.zeros(flat_label.shape)
+    flat_index = jax.random.categorical(key_voxel, jnp.where(foreground, log_weight, -jnp.inf))
     voxel = jnp.stack(jnp.unravel_index(flat_index, label.shape))
     foreground_start = jnp.clip(voxel - patch // 2, 0, np.maximum(high, 0))
     use_foreground = jax.random.bernoulli(key_choice, foreground_fraction) & foreground.any()
@@ -357,7 +377,13 @@ def augment_sample(
     if config.patch_shape is None:
         start = jnp.zeros(len(spatial), jnp.int32)
     else:
-        start = random_patch_start(key_patch, label, patch_shape, config.foreground_fraction)
+        start = random_patch_start(
+            key_patch,
+            label,
+            patch_shape,
+            config.foreground_fraction,
+            config.foreground_class_balance,
+        )
     params = sample_affine_parameters(key_affine, config, spatial)
     coordinates = sampling_coordinates(params, spacing, start, patch_shape)
     image, label = resample(image, label, coordinates)
