@@ -8,7 +8,7 @@ value_dim)` in the dtype of `query`:
 
 where the softmax runs over the keys j allowed by `key_mask`. Logits, the softmax and its
 accumulators are float32 whatever the input dtype; the two matrix products take the input
-dtype as operands (bfloat16 in mixed precision) and accumulate in float32.
+dtype as operands and results (bfloat16 in mixed precision), in the backward pass too.
 """
 
 from __future__ import annotations
@@ -34,11 +34,18 @@ def _check_qkv(query: chex.Array, key: chex.Array, value: chex.Array, key_mask) 
         chex.assert_shape(key_mask, key.shape[:2])
 
 
+def _product(subscripts: str, a: chex.Array, b: chex.Array) -> chex.Array:
+    """A matrix product in the operands' dtype, returned as float32.
+
+    Not `preferred_element_type=float32`: its transpose in the backward pass would multiply a
+    float32 cotangent with a bfloat16 operand; this way both passes run in the input dtype.
+    """
+    return jnp.einsum(subscripts, a, b).astype(jnp.float32)
+
+
 def _logits(query: chex.Array, key: chex.Array) -> chex.Array:
     """Q K^T / sqrt(d) in float32, `(batch, heads, q_length, kv_length)`."""
-    scale = 1.0 / math.sqrt(query.shape[-1])
-    logits = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=jnp.float32)
-    return logits * scale
+    return _product("bqhd,bkhd->bhqk", query, key) * (1.0 / math.sqrt(query.shape[-1]))
 
 
 def dot_product_attention_reference(
@@ -64,9 +71,7 @@ def dot_product_attention_reference(
     if key_mask is not None:
         logits = jnp.where(key_mask[:, None, None, :], logits, _MASK_VALUE)
     weights = jax.nn.softmax(logits, axis=-1)
-    out = jnp.einsum(
-        "bhqk,bkhd->bqhd", weights.astype(value.dtype), value, preferred_element_type=jnp.float32
-    )
+    out = _product("bhqk,bkhd->bqhd", weights.astype(value.dtype), value)
     return out.astype(query.dtype)
 
 
@@ -114,11 +119,8 @@ def _attend_query_chunk(
         correction = jnp.exp(running_max - new_max)
         weights = jnp.exp(logits - new_max[..., None])
         normaliser = normaliser * correction + jnp.sum(weights, axis=-1)
-        numerator = numerator * correction[..., None] + jnp.einsum(
-            "bhqk,bkhd->bhqd",
-            weights.astype(value.dtype),
-            value,
-            preferred_element_type=jnp.float32,
+        numerator = numerator * correction[..., None] + _product(
+            "bhqk,bkhd->bhqd", weights.astype(value.dtype), value
         )
         return (new_max, normaliser, numerator), None
 
@@ -205,13 +207,15 @@ def dot_product_attention(
     """Attention with the fastest implementation for the backend.
 
     `implementation`: "fused" = `jax.nn.dot_product_attention` (cuDNN flash attention on GPU
-    for bfloat16/float16, XLA otherwise), "efficient" = `efficient_dot_product_attention`,
-    None = "fused" on GPU and "efficient" elsewhere (CPU, TPU).
+    for bfloat16/float16, XLA otherwise; needs value_dim == head_dim), "efficient" =
+    `efficient_dot_product_attention`, None = "fused" on GPU and "efficient" elsewhere (CPU,
+    TPU) or when value_dim != head_dim.
 
     Shapes as in `efficient_dot_product_attention`.
     """
     if implementation is None:
-        implementation = "fused" if jax.default_backend() == "gpu" else "efficient"
+        fused_ok = jax.default_backend() == "gpu" and value.shape[-1] == query.shape[-1]
+        implementation = "fused" if fused_ok else "efficient"
     if implementation == "efficient":
         return efficient_dot_product_attention(query, key, value, key_mask=key_mask)
     if implementation == "fused":

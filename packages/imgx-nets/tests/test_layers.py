@@ -1,0 +1,53 @@
+"""Layers against closed forms: norms, sinusoidal embedding, up-sampling, dropout."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from imgx_nets import layers, sinusoidal_embedding
+
+
+def test_instance_norm_zero_mean_unit_variance_per_sample_and_channel():
+    x = 3.0 + 2.0 * jax.random.normal(jax.random.key(0), (2, 6, 5, 3))
+    y = layers.InstanceNorm(3)(x)
+    np.testing.assert_allclose(y.mean(axis=(1, 2)), 0.0, atol=1e-5)
+    np.testing.assert_allclose(y.var(axis=(1, 2)), 1.0, rtol=1e-3)
+
+
+def test_layer_norm_matches_formula():
+    x = jax.random.normal(jax.random.key(1), (2, 4, 8))
+    norm = layers.LayerNorm(8)
+    norm.scale[...] = jnp.arange(8.0)
+    norm.bias[...] = jnp.ones(8)
+    expected = (x - x.mean(-1, keepdims=True)) / jnp.sqrt(x.var(-1, keepdims=True) + 1e-6)
+    np.testing.assert_allclose(norm(x), expected * jnp.arange(8.0) + 1, rtol=1e-4, atol=1e-5)
+
+
+def test_sinusoidal_embedding_closed_form():
+    e = sinusoidal_embedding(jnp.array([0.0, 0.5]), 8)
+    np.testing.assert_array_equal(e[0], [0, 0, 0, 0, 1, 1, 1, 1])
+    freqs = 10_000.0 ** (-np.arange(4) / 4)
+    np.testing.assert_allclose(e[1, :4], np.sin(500.0 * freqs), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(e[1, 4:], np.cos(500.0 * freqs), rtol=1e-5, atol=1e-5)
+
+
+def test_up_sample_is_a_kernel_equals_stride_transposed_convolution():
+    up = layers.UpSample(3, 2, (2, 1, 3), rngs=nnx.Rngs(0), dtype=jnp.float32)
+    x = jax.random.normal(jax.random.key(2), (1, 2, 3, 2, 3))
+    h = up.dense(x)  # (1, 2, 3, 2, 2*1*3*2): output voxel (2i+a, j, 3k+c) = h[i, j, k, a, c]
+    h = np.asarray(h).reshape(1, 2, 3, 2, 2, 1, 3, 2)
+    expected = np.zeros((1, 4, 3, 6, 2), np.float32)
+    for a in range(2):
+        for c in range(3):
+            expected[:, a::2, :, c::3] = h[:, :, :, :, a, 0, c]
+    out = layers.InstanceNorm(2)(jnp.asarray(expected))
+    np.testing.assert_allclose(up(x), out, rtol=1e-5, atol=1e-5)
+
+
+def test_dropout_keeps_expectation():
+    x = jnp.ones((10_000,))
+    y = layers.dropout(x, 0.25, jax.random.key(0))
+    np.testing.assert_allclose(np.unique(np.asarray(y)), [0.0, 4.0 / 3.0], rtol=1e-6)
+    assert abs(float(y.mean()) - 1.0) < 0.03
+    assert layers.dropout(x, 0.25, None) is x

@@ -1,0 +1,223 @@
+"""UNet: shapes, parameter counts in closed form, conditioning, dropout, precision, slice mode."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import imgx_nets
+from imgx_nets import SliceWise, UNet, as_model_fn, parameter_count, summary
+
+TINY = dict(num_channels=(4, 8), num_res_blocks=1, num_heads=2, widening_factor=4)
+
+
+def _tiny(num_spatial_dims=2, seed=0, **overrides):
+    kwargs = dict(num_spatial_dims=num_spatial_dims, in_channels=1, out_channels=2, **TINY)
+    kwargs.update(overrides)
+    return UNet(**kwargs, rngs=nnx.Rngs(seed))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _apply(graphdef, state, image, mask_input=None, t=None, key=None):
+    return imgx_nets.apply(graphdef, state, image, mask_input, t, key)
+
+
+def _call(module, *args):
+    graphdef, state = nnx.split(module)
+    return _apply(graphdef, state, *args)
+
+
+@pytest.fixture(scope="module")
+def seg2d():
+    return _tiny()
+
+
+@pytest.fixture(scope="module")
+def diffusion2d():
+    return _tiny(mask_channels=2, time_conditioned=True)
+
+
+def _image(shape, seed=1):
+    return jax.random.normal(jax.random.key(seed), shape)
+
+
+def _res_block(c_in, c, time_features=0):
+    # conv3x3 (no bias) + norm, conv3x3 (no bias) + norm, [1x1 shortcut], [FiLM dense]
+    count = 9 * c_in * c + 2 * c + 9 * c * c + 2 * c
+    count += (c_in * c + c) if c_in != c else 0
+    count += (time_features * 2 * c + 2 * c) if time_features else 0
+    return count
+
+
+def _tiny_parameter_count(time_conditioned=False, skip="add"):
+    """Closed form for TINY in 2D: channels (4, 8), 1 res block, 2 heads of dim 8/4 = 2."""
+    tf = 8 if time_conditioned else 0
+    stem = 9 * 1 * 4 + 2 * 4
+    down = 2 * 2 * 4 * 8 + 2 * 8
+    width = 2 * 2  # heads * head_dim
+    transformer = (2 * 8) + (8 * 3 * width + 3 * width) + (width * 8 + 8) + (2 * 8)
+    transformer += (8 * 32 + 32) + (32 * 8 + 8)
+    up = 8 * 4 * 4 + 2 * 4
+    decoder0 = _res_block(8 if skip == "concat" else 4, 4, tf)
+    head = 4 * 2 + 2
+    time = 2 * (8 * 8 + 8) if time_conditioned else 0
+    return (
+        time + stem + _res_block(4, 4, tf) + down + _res_block(8, 8, tf) + transformer
+        + _res_block(8, 8, tf) + up + decoder0 + head
+    )  # fmt: skip
+
+
+def test_parameter_count_closed_form(seg2d, diffusion2d):
+    assert parameter_count(seg2d) == _tiny_parameter_count() == 4042
+    # mask channels only widen the stem: 9 * 2 * 4 more weights
+    assert parameter_count(diffusion2d) == _tiny_parameter_count(True) + 9 * 2 * 4
+    assert parameter_count(_tiny(skip="concat")) == _tiny_parameter_count(skip="concat")
+    assert parameter_count(nnx.state(seg2d, nnx.Param)) == 4042
+    table = summary(seg2d)
+    assert "4,042" in table.splitlines()[-1] and "transformer" in table
+
+
+def test_published_configuration_parameter_count_is_reproducible():
+    counts = {
+        parameter_count(UNet(num_spatial_dims=2, in_channels=1, out_channels=3, rngs=nnx.Rngs(s)))
+        for s in (0, 1)
+    }
+    assert counts == {7_673_091}
+
+
+def test_same_seed_same_parameters():
+    a, b = nnx.state(_tiny(seed=3)), nnx.state(_tiny(seed=3))
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(a))
+
+
+@pytest.mark.parametrize("spatial", [(8, 8), (9, 7), (5, 3)])
+def test_shapes_2d_odd_sizes(seg2d, spatial):
+    out = _call(seg2d, _image((2, *spatial, 1)))
+    assert out.shape == (2, *spatial, 2) and out.dtype == jnp.float32
+    assert np.all(np.isfinite(np.asarray(out)))
+
+
+def test_shapes_3d_thick_slices_and_concat_skips():
+    net = _tiny(3, patch_size=(2, 2, 1), skip="concat")
+    assert net.down[0].conv.kernel.shape == (2, 2, 1, 4, 8)
+    out = _call(net, _image((1, 7, 8, 3, 1)))
+    assert out.shape == (1, 7, 8, 3, 2)
+
+
+def test_deeper_network_with_tuple_scale_factor():
+    net = _tiny(3, num_channels=(4, 4, 8), patch_size=2, scale_factor=(2, 2, 1))
+    assert [d.factors for d in net.down] == [(2, 2, 2), (2, 2, 1)]
+    assert _call(net, _image((1, 9, 8, 5, 1))).shape == (1, 9, 8, 5, 2)
+
+
+def test_dropout_only_with_a_key(diffusion2d):
+    image, mask = _image((2, 8, 8, 1)), _image((2, 8, 8, 2), seed=2)
+    t = jnp.array([0.3, 0.7])
+    eval1 = _call(diffusion2d, image, mask, t, None)
+    eval2 = _call(diffusion2d, image, mask, t, None)
+    np.testing.assert_array_equal(eval1, eval2)
+    train1 = _call(diffusion2d, image, mask, t, jax.random.key(0))
+    train1b = _call(diffusion2d, image, mask, t, jax.random.key(0))
+    train2 = _call(diffusion2d, image, mask, t, jax.random.key(1))
+    np.testing.assert_array_equal(train1, train1b)
+    assert not np.allclose(train1, eval1, atol=1e-4)
+    assert not np.allclose(train1, train2, atol=1e-4)
+    # without dropout rate a key changes nothing
+    net = _tiny(dropout=0.0)
+    np.testing.assert_allclose(_call(net, image, None, None, jax.random.key(0)), _call(net, image))
+
+
+def test_time_and_mask_change_the_output(diffusion2d):
+    image, mask = _image((2, 8, 8, 1)), _image((2, 8, 8, 2), seed=2)
+    base = _call(diffusion2d, image, mask, jnp.array([0.1, 0.1]))
+    later = _call(diffusion2d, image, mask, jnp.array([0.1, 0.9]))
+    np.testing.assert_allclose(base[0], later[0], rtol=1e-5, atol=1e-6)  # per sample
+    assert np.abs(np.asarray(base[1] - later[1])).max() > 1e-3
+    other_mask = _call(diffusion2d, image, -mask, jnp.array([0.1, 0.1]))
+    assert np.abs(np.asarray(base - other_mask)).max() > 1e-3
+
+
+def test_invalid_inputs_raise(seg2d, diffusion2d):
+    with pytest.raises(ValueError, match="in_channels"):
+        seg2d(jnp.zeros((1, 8, 8, 3)))
+    with pytest.raises(ValueError, match="mask_input"):
+        diffusion2d(jnp.zeros((1, 8, 8, 1)), None, jnp.zeros((1,)))
+    with pytest.raises(ValueError, match="pass t"):
+        diffusion2d(jnp.zeros((1, 8, 8, 1)), jnp.zeros((1, 8, 8, 2)))
+    with pytest.raises(ValueError, match="t must be None"):
+        seg2d(jnp.zeros((1, 8, 8, 1)), None, jnp.zeros((1,)))
+    with pytest.raises(ValueError, match="patch_size"):
+        _tiny(3, patch_size=(2, 2))
+    with pytest.raises(ValueError, match="widening_factor"):
+        _tiny(num_channels=(4, 6))
+    with pytest.raises(ValueError, match="skip"):
+        _tiny(skip="sum")
+
+
+def _conv_and_dot_operand_dtypes(jaxpr):
+    """Operand dtypes of every convolution and matrix product, nested jaxprs included."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in ("conv_general_dilated", "dot_general"):
+            found.append((eqn.primitive.name, {v.aval.dtype for v in eqn.invars}))
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, list | tuple) else [param]:
+                if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                    found += _conv_and_dot_operand_dtypes(sub.jaxpr)
+                elif isinstance(sub, jax.extend.core.Jaxpr):
+                    found += _conv_and_dot_operand_dtypes(sub)
+    return found
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_bfloat16_computes_every_layer_in_bfloat16(remat):
+    net = _tiny(mask_channels=2, time_conditioned=True, dtype=jnp.bfloat16, remat=remat)
+    graphdef, state = nnx.split(net)
+    args = (_image((2, 8, 8, 1)), _image((2, 8, 8, 2), 2), jnp.array([0.2, 0.6]))
+    loss = lambda s: jnp.sum(imgx_nets.apply(graphdef, s, *args, jax.random.key(0)))
+    ops = _conv_and_dot_operand_dtypes(jax.make_jaxpr(jax.grad(loss))(state).jaxpr)
+    assert {name for name, _ in ops} == {"conv_general_dilated", "dot_general"}
+    assert all(dtypes == {jnp.dtype(jnp.bfloat16)} for _, dtypes in ops), ops
+
+
+def test_bfloat16_forward_close_to_float32(diffusion2d):
+    bf16 = _tiny(mask_channels=2, time_conditioned=True, dtype=jnp.bfloat16)
+    args = (_image((2, 8, 8, 1)), _image((2, 8, 8, 2), 2), jnp.array([0.2, 0.6]))
+    out32, out16 = _call(diffusion2d, *args), _call(bf16, *args)
+    assert out16.dtype == jnp.float32
+    scale = np.abs(np.asarray(out32)).max()
+    assert np.abs(np.asarray(out16 - out32)).max() < 0.05 * scale
+
+
+def test_remat_same_values_and_gradients():
+    args = (_image((2, 8, 8, 1)), _image((2, 8, 8, 2), 2), jnp.array([0.2, 0.6]))
+    grads = []
+    for remat in (False, True):
+        graphdef, state = nnx.split(_tiny(mask_channels=2, time_conditioned=True, remat=remat))
+        model_fn = lambda s, g=graphdef: as_model_fn(g, s)
+        loss = lambda s, f=model_fn: jnp.sum(f(s)(*args, jax.random.key(0)) ** 2)
+        grads.append(jax.jit(jax.grad(loss))(state))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), *grads)
+
+
+def test_as_model_fn_matches_module(diffusion2d):
+    graphdef, state = nnx.split(diffusion2d)
+    args = (_image((2, 8, 8, 1)), _image((2, 8, 8, 2), 2), jnp.array([0.2, 0.6]), None)
+    model_fn = as_model_fn(graphdef, state)
+    np.testing.assert_allclose(model_fn(*args), diffusion2d(*args), rtol=1e-5, atol=1e-6)
+
+
+def test_slice_wise_equals_per_slice_application(seg2d):
+    volume = _image((2, 8, 8, 3, 1))
+    out = _call(SliceWise(seg2d), volume)
+    assert out.shape == (2, 8, 8, 3, 2)
+    for z in range(3):
+        np.testing.assert_allclose(
+            out[:, :, :, z], _call(seg2d, volume[:, :, :, z]), rtol=1e-5, atol=1e-6
+        )
+    with pytest.raises(ValueError, match="2D"):
+        SliceWise(_tiny(3))
