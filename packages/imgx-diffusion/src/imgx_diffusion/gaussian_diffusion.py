@@ -49,6 +49,8 @@ class GaussianDiffusion:
 
     Attributes:
         betas: β of each step, shape (T,). float64 numpy outside jit.
+        alphas_cumprod: ᾱ_t = Π_{s≤t} (1 − β_s), shape (T,); kept alongside β so that both
+            are rounded once, not accumulated, when the process is a float32 jit argument.
         timestep_map: index j in the base schedule of each step, int shape (T,).
         num_base_timesteps: N, length of the base schedule (the network time is (j + 1)/N).
         model_output: parameterisation of the network output, ``x0``, ``epsilon`` or ``v``.
@@ -57,6 +59,7 @@ class GaussianDiffusion:
     """
 
     betas: Any
+    alphas_cumprod: Any
     timestep_map: Any
     num_base_timesteps: int
     model_output: str = "x0"
@@ -87,7 +90,9 @@ class GaussianDiffusion:
         if not (np.all(betas > 0) and np.all(betas < 1)):
             raise ValueError("GaussianDiffusion.from_betas: every beta must lie in (0, 1).")
         n = betas.shape[0]
-        return cls(betas, np.arange(n, dtype=np.int64), n, model_output, variance)
+        return cls(
+            betas, np.cumprod(1.0 - betas), np.arange(n, dtype=np.int64), n, model_output, variance
+        )
 
     # ------------------------------------------------------------------ schedule quantities
     @property
@@ -98,11 +103,6 @@ class GaussianDiffusion:
     @property
     def alphas(self):
         return 1.0 - self.betas
-
-    @property
-    def alphas_cumprod(self):
-        """ᾱ_t = Π_{s≤t} (1 − β_s), shape (T,)."""
-        return _xp(self.betas).cumprod(self.alphas)
 
     @property
     def alphas_cumprod_prev(self):
@@ -159,7 +159,9 @@ class GaussianDiffusion:
         alphas_cumprod = np.asarray(self.alphas_cumprod, dtype=np.float64)[indices]
         betas = 1.0 - alphas_cumprod / np.concatenate([[1.0], alphas_cumprod[:-1]])
         timestep_map = np.asarray(self.timestep_map, dtype=np.int64)[indices]
-        return dataclasses.replace(self, betas=betas, timestep_map=timestep_map)
+        return dataclasses.replace(
+            self, betas=betas, alphas_cumprod=alphas_cumprod, timestep_map=timestep_map
+        )
 
     def model_time(self, t: chex.Array) -> jax.Array:
         """Network time of step index t: (timestep_map[t] + 1)/N, float32 in (0, 1].
@@ -293,10 +295,11 @@ class GaussianDiffusion:
         return mean + nonzero * jnp.exp(0.5 * log_var) * noise
 
     def ddim_sigma(self, t: chex.Array, x: chex.Array, eta: float) -> jax.Array:
-        """σ_t = eta √((1 − ᾱ_prev)/(1 − ᾱ) · (1 − ᾱ/ᾱ_prev)) (Song et al. 2021, eq. 16)."""
-        a = _extract(self.alphas_cumprod, t, x)
-        a_prev = _extract(self.alphas_cumprod_prev, t, x)
-        return eta * jnp.sqrt((1.0 - a_prev) / (1.0 - a) * (1.0 - a / a_prev))
+        """σ_t = eta √((1 − ᾱ_prev)/(1 − ᾱ) · (1 − ᾱ/ᾱ_prev)) (Song et al. 2021, eq. 16).
+
+        Since ᾱ/ᾱ_prev = α_t this is eta·σ̃_t, computed from σ̃²_t to avoid cancellation.
+        """
+        return eta * _extract(_xp(self.betas).sqrt(self.posterior_variance), t, x)
 
     def ddim_step(
         self,
@@ -386,6 +389,6 @@ class GaussianDiffusion:
 
 jax.tree_util.register_dataclass(
     GaussianDiffusion,
-    data_fields=["betas", "timestep_map"],
+    data_fields=["betas", "alphas_cumprod", "timestep_map"],
     meta_fields=["num_base_timesteps", "model_output", "variance"],
 )

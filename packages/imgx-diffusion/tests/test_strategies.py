@@ -1,0 +1,207 @@
+"""Training strategies: inputs of each pass, gradient stopping, jit and a 2-device mesh."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import imgx_diffusion as idf
+
+from . import toy
+
+NUM_CLASSES = 3
+T = 5
+DIFF = idf.GaussianDiffusion.from_betas(idf.beta_schedule("linear", 1001)).respace(T)
+SAMPLER = idf.TimestepSampler("uniform")
+IMAGE = jax.random.normal(jax.random.key(0), (4, 4, 4, 1))
+LABEL = jax.random.randint(jax.random.key(1), (4, 4, 4), 0, NUM_CLASSES)
+TWO_PASS = ("recycle_next", "recycle_last", "self_cond_same", "self_cond_next")
+
+
+def _params(strategy, key=2, out_channels=NUM_CLASSES):
+    mask_channels = 2 * NUM_CLASSES if strategy in idf.SELF_CONDITIONING_STRATEGIES else NUM_CLASSES
+    return toy.init_params(jax.random.key(key), 1, mask_channels, out_channels)
+
+
+def _run(strategy, model_fn, key=3, diffusion=DIFF, **kwargs):
+    return idf.apply_strategy(
+        strategy,
+        diffusion,
+        model_fn,
+        jax.random.key(key),
+        IMAGE,
+        LABEL,
+        SAMPLER.init(diffusion.num_timesteps),
+        num_classes=NUM_CLASSES,
+        timestep_sampler=SAMPLER,
+        **kwargs,
+    )
+
+
+@pytest.mark.parametrize("strategy", TWO_PASS)
+def test_gradient_reaches_only_the_final_pass(strategy):
+    first, final = _params(strategy, 2), _params(strategy, 4)
+
+    def loss(first, final, use_first_pass_logits):
+        out = _run(strategy, toy.pass_indexed_model([first, final]))
+        if use_first_pass_logits:
+            seg, _ = idf.segmentation_loss(out.first_pass_logits, LABEL)
+            return jnp.mean(seg)
+        seg, _ = idf.segmentation_loss(out.logits, LABEL)
+        return jnp.mean(out.weight * (seg + out.mse))
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)
+    grad_first, grad_final = grad(first, final, False)
+    assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(grad_first))
+    assert all(float(jnp.abs(g).max()) > 0.0 for g in jax.tree.leaves(grad_final))
+    # The optional auxiliary loss on the first pass trains the first pass only.
+    grad_first, grad_final = grad(first, final, True)
+    assert all(float(jnp.abs(g).max()) > 0.0 for g in jax.tree.leaves(grad_first))
+    assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(grad_final))
+
+
+def _first_pass_x0(params, record_entry):
+    mask_input, t_net = record_entry
+    return idf.x0_from_logits(toy.apply(params, IMAGE, mask_input, t_net))
+
+
+def _check_posterior_step_from_first_pass(out, params, record, first_t):
+    """x_t must be the posterior mean from x_{t+1} (read where in() did not clip)."""
+    mask_first = record[0][0][..., :NUM_CLASSES]
+    x_next = 2.0 * mask_first - 1.0
+    expected, _, _ = DIFF.q_posterior_mean_variance(
+        _first_pass_x0(params, record[0]), x_next, first_t
+    )
+    unclipped = (mask_first > 0) & (mask_first < 1)
+    assert float(unclipped.mean()) > 0.3
+    np.testing.assert_allclose(
+        jnp.where(unclipped, out.xt, 0.0), jnp.where(unclipped, expected, 0.0), atol=1e-5
+    )
+
+
+def test_self_cond_next_second_pass_sees_xt_not_x_next():
+    params = _params("self_cond_next")
+    record = []
+    out = _run("self_cond_next", toy.pass_indexed_model([params], record))
+    (m1, t1), (m2, t2) = record
+    assert int(out.t.max()) < T - 1
+    np.testing.assert_allclose(t1, DIFF.model_time(out.t + 1))
+    np.testing.assert_allclose(t2, DIFF.model_time(out.t))
+    np.testing.assert_array_equal(m1[..., NUM_CLASSES:], 0.0)
+    np.testing.assert_allclose(m2[..., :NUM_CLASSES], idf.mask_from_x(out.xt), atol=1e-6)
+    assert not np.allclose(m2[..., :NUM_CLASSES], m1[..., :NUM_CLASSES])
+    _check_posterior_step_from_first_pass(out, params, record, out.t + 1)
+    # The condition is in(x̂_0) of the first pass or zero, per sample.
+    cond = m2[..., NUM_CLASSES:]
+    first_mask = idf.mask_from_x(_first_pass_x0(params, record[0]))
+    for b in range(IMAGE.shape[0]):
+        assert np.allclose(cond[b], 0.0) or np.allclose(cond[b], first_mask[b], atol=1e-6)
+
+
+def test_self_cond_same_condition_and_times():
+    params = _params("self_cond_same")
+    record = []
+    out = _run("self_cond_same", toy.pass_indexed_model([params], record), key=5)
+    (m1, t1), (m2, t2) = record
+    np.testing.assert_allclose(t1, t2)
+    np.testing.assert_allclose(m1[..., :NUM_CLASSES], m2[..., :NUM_CLASSES])
+    np.testing.assert_allclose(m1[..., :NUM_CLASSES], idf.mask_from_x(out.xt), atol=1e-6)
+    kept = [not np.allclose(m2[b, ..., NUM_CLASSES:], 0.0) for b in range(IMAGE.shape[0])]
+    first_mask = idf.mask_from_x(_first_pass_x0(params, record[0]))
+    for b, keep in enumerate(kept):
+        if keep:
+            np.testing.assert_allclose(m2[b, ..., NUM_CLASSES:], first_mask[b], atol=1e-6)
+
+
+def test_recycle_last_first_pass_at_last_step_and_next_at_t_plus_one():
+    params = _params("recycle_last")
+    record = []
+    out = _run("recycle_last", toy.pass_indexed_model([params], record))
+    np.testing.assert_allclose(record[0][1], 1.0)  # base index 1000 → t = 1001/1001
+    np.testing.assert_allclose(record[1][1], DIFF.model_time(out.t))
+    record = []
+    out = _run(
+        "recycle_next", toy.pass_indexed_model([params], record), recycle_with_posterior_mean=True
+    )
+    np.testing.assert_allclose(record[0][1], DIFF.model_time(out.t + 1))
+    _check_posterior_step_from_first_pass(out, params, record, out.t + 1)
+
+
+def test_standard_with_oracle_and_targets():
+    # An x0-model that knows the answer: confident logits of the true label.
+    def oracle(image, mask_input, t, key):
+        return 40.0 * jax.nn.one_hot(LABEL, NUM_CLASSES)
+
+    out = _run("standard", oracle)
+    assert out.first_pass_logits is None and out.vlb is None
+    np.testing.assert_allclose(out.mse, 0.0, atol=1e-8)
+    np.testing.assert_array_equal(jnp.argmax(out.logits, -1), LABEL)
+    np.testing.assert_allclose(out.x0, 2.0 * jax.nn.one_hot(LABEL, NUM_CLASSES) - 1.0)
+    np.testing.assert_allclose(out.weight, 1.0)
+    # ε-parameterisation: the MSE compares the raw output with ε = (x_t − √ᾱ x_0)/√(1−ᾱ).
+    eps_diff = idf.GaussianDiffusion.from_betas(DIFF.betas, model_output="epsilon")
+    zero = _run("standard", lambda *a: jnp.zeros(LABEL.shape + (NUM_CLASSES,)), diffusion=eps_diff)
+    eps = eps_diff.predict_epsilon_from_x0(zero.xt, zero.x0, zero.t)
+    np.testing.assert_allclose(zero.mse, jnp.mean(eps**2, axis=(1, 2, 3)), rtol=1e-5)
+
+
+def test_configuration_errors():
+    model = toy.pass_indexed_model([_params("standard")])
+    with pytest.raises(ValueError, match="recycle_last"):
+        _run("recycle_and_self_cond", model)
+    with pytest.raises(ValueError, match="recycle_next"):
+        _run("recycle_last", model, recycle_with_posterior_mean=True)
+    learned = idf.GaussianDiffusion.from_betas(DIFF.betas, variance="learned_range")
+    with pytest.raises(ValueError, match="compute_vlb"):
+        _run("standard", model, diffusion=learned)
+
+
+def test_learned_range_returns_the_variational_bound():
+    learned = idf.GaussianDiffusion.from_betas(DIFF.betas, variance="learned_range")
+    params = _params("standard", out_channels=2 * NUM_CLASSES)
+    out = _run("standard", toy.pass_indexed_model([params]), diffusion=learned, compute_vlb=True)
+    assert out.vlb.shape == (4,) and bool(jnp.all(jnp.isfinite(out.vlb)))
+    assert bool(jnp.all(out.vlb >= 0))
+
+
+@pytest.mark.parametrize("strategy", idf.STRATEGIES)
+def test_strategy_under_jit_on_a_two_device_mesh(strategy):
+    devices = jax.devices()
+    assert len(devices) == 2, "conftest sets 2 CPU devices"
+    mesh = jax.sharding.Mesh(np.array(devices), ("data",))
+    params = _params(strategy)
+    timestep_sampler = idf.TimestepSampler("importance")
+    state = timestep_sampler.init(T)
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def step(strategy, params, state, image, label, key):
+        def loss_fn(params):
+            out = idf.apply_strategy(
+                strategy,
+                DIFF,
+                lambda *args: toy.apply(params, *args[:3]),
+                key,
+                image,
+                label,
+                state,
+                num_classes=NUM_CLASSES,
+                timestep_sampler=timestep_sampler,
+            )
+            seg, _ = idf.segmentation_loss(out.logits, label)
+            return jnp.mean(out.weight * seg), (out.t, seg)
+
+        grads, (t, seg) = jax.grad(loss_fn, has_aux=True)(params)
+        return grads, timestep_sampler.update(state, t, seg)
+
+    key = jax.random.key(7)
+    expected = step(strategy, params, state, IMAGE, LABEL, key)
+    batch = NamedSharding(mesh, P("data"))
+    image, label = jax.device_put(IMAGE, batch), jax.device_put(LABEL, batch)
+    params = jax.device_put(params, NamedSharding(mesh, P()))
+    got = step(strategy, params, state, image, label, key)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got, expected)
+    assert int(got[1].count.sum()) == IMAGE.shape[0]
