@@ -176,7 +176,7 @@ class _Reader:
 
     def close(self) -> None:
         self.clear()
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 class TrainIterator(Iterator[dict[str, Any]]):
