@@ -1,4 +1,8 @@
-"""Test set-up shared by this package's tests: 2 fake CPU devices before jax is imported."""
+"""Test set-up shared by this package's tests: 2 fake CPU devices before jax is imported.
+
+`api` replaces the imgx-train / imgx-data functions the commands call with recorders, so
+the tests check the command line -> call mapping without training anything.
+"""
 
 import os
 
@@ -6,3 +10,157 @@ _FLAG = "--xla_force_host_platform_device_count=2"
 if _FLAG not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import sys  # noqa: E402
+import types  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+import imgx_data  # noqa: E402
+import imgx_train  # noqa: E402
+from imgx_cli.main import main  # noqa: E402
+from imgx_data.registry import DatasetInfo  # noqa: E402
+
+
+class TrainingInterrupted(Exception):
+    """Stands in for imgx_train.TrainingInterrupted(run_dir)."""
+
+    def __init__(self, run_dir):
+        super().__init__(run_dir)
+        self.run_dir = run_dir
+
+
+SUMMARY = {
+    "num_cases": 2,
+    "foreground_mean": {"dice": 0.9, "hd95": 1.5},
+    "per_class": {"muscle": {"dice": {"mean": 0.9}}, "fascia": {"dice": {"mean": 0.8}}},
+}
+
+
+def dataset_info(name: str, split_sizes: dict[str, int]) -> DatasetInfo:
+    return DatasetInfo(
+        name=name,
+        num_spatial_dims=2,
+        image_shape=(96, 96),
+        num_channels=1,
+        class_names=("background", "muscle", "fascia"),
+        overlapping=False,
+        spacing=(1.0, 1.5),
+        split_sizes=split_sizes,
+        is_built=bool(split_sizes),
+        postprocess=None,
+        manual_dir=None,
+        path=Path("store") / name,
+    )
+
+
+def make_run(path: Path) -> Path:
+    """A run directory as `imgx train` leaves it (what the commands look at)."""
+    (path / "plots").mkdir(parents=True)
+    (path / "config.json").write_text("{}")
+    (path / "plots" / "curves.png").write_bytes(b"")
+    return path
+
+
+class Api:
+    """Records the calls made to imgx-train and imgx-data."""
+
+    def __init__(self, tmp_path: Path):
+        self.tmp_path = tmp_path
+        self.calls: list[tuple[str, tuple, dict]] = []
+        self.train_error: BaseException | None = None
+        self.predict_failures: list[tuple[str, str]] = []
+
+    def names(self) -> list[str]:
+        return [name for name, _, _ in self.calls]
+
+    def call(self, name: str) -> tuple[tuple, dict]:
+        matches = [(args, kwargs) for n, args, kwargs in self.calls if n == name]
+        assert len(matches) == 1, (name, self.calls)
+        return matches[0]
+
+    def train(self, cfg, *, run_dir=None):
+        self.calls.append(("train", (cfg,), {"run_dir": run_dir}))
+        if self.train_error is not None:
+            raise self.train_error
+        return make_run(run_dir or self.tmp_path / "runs" / "new")
+
+    def resume(self, run_dir, *, steps=None):
+        self.calls.append(("resume", (run_dir,), {"steps": steps}))
+        if self.train_error is not None:
+            raise self.train_error
+        return run_dir
+
+    def evaluate(self, run_dir, **kwargs):
+        self.calls.append(("evaluate", (run_dir,), kwargs))
+        return {**SUMMARY, "output_dir": str(run_dir / kwargs["split"] / "ddpm-5")}
+
+    def predict(self, run_dir, inputs, output_dir, **kwargs):
+        self.calls.append(("predict", (run_dir, inputs, output_dir), kwargs))
+        return {"written": [str(output_dir / "case.nii.gz")], "failures": self.predict_failures}
+
+    def describe_run(self, run_dir):
+        self.calls.append(("describe_run", (run_dir,), {}))
+        return {"config": {"train": {"steps": 7}}, "last_step": 7, "best_dice": 0.91}
+
+    def print_results_table(self, summary, class_names):
+        return "RESULTS " + ",".join(class_names)
+
+    def build(self, dataset, /, **kwargs):
+        self.calls.append(("build", (dataset,), kwargs))
+        return dataset_info(kwargs.get("name", dataset), {"train": 8, "valid": 1, "test": 1})
+
+    def list_datasets(self, data_dir=None):
+        self.calls.append(("list_datasets", (), {"data_dir": data_dir}))
+        return [dataset_info("phantom", {"train": 240, "valid": 24, "test": 48}),
+                dataset_info("amos_ct", {})]  # fmt: skip
+
+
+@pytest.fixture
+def api(monkeypatch, tmp_path):
+    fake = Api(tmp_path)
+    for name in ("train", "resume", "evaluate", "predict", "describe_run"):
+        monkeypatch.setattr(imgx_train, name, getattr(fake, name), raising=False)
+    monkeypatch.setattr(imgx_train, "TrainingInterrupted", TrainingInterrupted, raising=False)
+    reports = types.ModuleType("imgx_train.reports")
+    reports.print_results_table = fake.print_results_table
+    monkeypatch.setitem(sys.modules, "imgx_train.reports", reports)
+    monkeypatch.setattr(imgx_train, "reports", reports, raising=False)
+    for name in ("build", "list_datasets"):
+        monkeypatch.setattr(imgx_data, name, getattr(fake, name), raising=False)
+    monkeypatch.chdir(tmp_path)
+    return fake
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    return make_run(tmp_path / "runs" / "20260101-000000-phantom-diffusion")
+
+
+@pytest.fixture
+def imgx(capsys):
+    """Runs `imgx` in-process: returns (exit code, stdout, stderr)."""
+
+    def run(*words: str):
+        code = main(list(words))
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+def _assert_one_line_error(code: int, err: str, *fragments: str) -> None:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2
+    assert len(lines) == 1, err
+    assert lines[0].startswith("imgx: error: "), err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+@pytest.fixture
+def one_line_error():
+    """Asserts exit code 2 and a single `imgx: error:` line holding the fragments."""
+    return _assert_one_line_error

@@ -1,18 +1,96 @@
-"""Entry point of the `imgx` command."""
+"""Entry point of the `imgx` command: checks the words, runs Fire, reports errors in a line.
+
+Exit codes: 0 done (and help), 1 some inputs of `imgx predict` failed, 2 a user error
+(bad command line, unknown dataset or config key, missing run, absent GPU), 130
+interrupted. `IMGX_DEBUG=1` shows the traceback of a user error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import sys
+from collections.abc import Iterator, Sequence
 
 import fire
+import fire.core
+
+from imgx_cli import argv as argv_lib
+from imgx_cli import commands
+
+PROG = "imgx"
 
 
-def _version() -> str:
-    """Print the installed version of the imgx packages."""
-    from imgx_cli import __version__
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    """Errors whose message is the whole story: a config key, dataset, file or choice."""
+    types: list[type[BaseException]] = [argv_lib.UsageError, ValueError, FileNotFoundError]
+    train_module = sys.modules.get("imgx_train")
+    user_error = getattr(train_module, "UserError", None)
+    if isinstance(user_error, type):
+        types.append(user_error)
+    return tuple(types)
 
-    return f"imgx {__version__}"
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip() or type(error).__name__
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
-def main() -> None:
-    fire.Fire({"version": _version}, name="imgx")
+def _tidy_help(text: str) -> str:
+    """Fire prints `--batch_size` and `Optional[int | None]`; say `--batch-size`, `Optional[int]`.
+
+    Both spellings of a flag work.
+    """
+    text = re.sub(r"--([a-z0-9_]+)", lambda m: "--" + m.group(1).replace("_", "-"), text)
+    return re.sub(r"Optional\[(\w+) \| None\]", r"Optional[\1]", text)
+
+
+def _display(lines: Sequence[str], out: object = None) -> None:
+    """Fire's help, on stdout and without a pager."""
+    del out  # Fire sends help to stderr; it is the answer asked for, so stdout.
+    sys.stdout.write(_tidy_help("\n".join(lines)) + "\n")
+    sys.stdout.flush()
+
+
+def _display_error(component_trace: fire.core.FireTrace) -> None:
+    """Fire's own parse errors as one line instead of a usage screen."""
+    message = _one_line(Exception(component_trace.elements[-1].ErrorAsStr()))
+    print(f"{PROG}: error: {message} (see `{PROG} --help`)", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def _fire_output() -> Iterator[None]:
+    saved = fire.core.Display, fire.core._DisplayError
+    fire.core.Display, fire.core._DisplayError = _display, _display_error
+    try:
+        yield
+    finally:
+        fire.core.Display, fire.core._DisplayError = saved
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs `imgx` on `argv` (default: `sys.argv[1:]`) and returns the exit code."""
+    words = list(sys.argv[1:] if argv is None else argv)
+    try:
+        fire_words = argv_lib.normalize(words, commands.COMMANDS)
+        with _fire_output():
+            fire.Fire(commands.COMMANDS, command=fire_words, name=PROG)
+    except fire.core.FireExit as exit_:
+        return int(exit_.code or 0)
+    except commands.CommandExit as exit_:
+        print(f"{PROG}: {exit_}", file=sys.stderr)
+        return exit_.code
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except _user_error_types() as error:
+        if os.environ.get("IMGX_DEBUG") == "1":
+            raise
+        print(f"{PROG}: error: {_one_line(error)}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

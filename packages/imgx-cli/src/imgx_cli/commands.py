@@ -1,0 +1,531 @@
+"""The `imgx` commands: words in, imgx-train / imgx-data calls, results out.
+
+Each command imports its back end when it runs, so `imgx --help` answers at once and
+does not wait for JAX. Fire shows the docstrings as `imgx <command> --help`.
+"""
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from imgx_cli import printing
+from imgx_cli.argv import UsageError, dashed
+
+SAMPLERS = ("ddpm", "ddim")
+SPLITS = ("train", "valid", "test")
+DEVICES = ("auto", "cpu", "gpu", "tpu")
+LATEST_RUN = "runs/latest"
+
+
+class CommandExit(Exception):
+    """Ends a command with `code` after printing `message` on stderr (not a user error)."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+# ---------------------------------------------------------------------------------------
+# Shared helpers
+
+
+def _echo(*lines: str) -> None:
+    print("\n".join(lines), flush=True)
+
+
+def _path(value: Any) -> Path | None:
+    return None if value is None else Path(str(value)).expanduser()
+
+
+def _run_dir(run: Any) -> Path:
+    """The run directory `run`, which `imgx train` must have made (it holds config.json)."""
+    path = _path(run)
+    if path is None or not (path / "config.json").is_file():
+        hint = "train one with `imgx train`" if str(run) == LATEST_RUN else "check the path"
+        raise UsageError(
+            f"no run directory at {run} (a folder with config.json made by `imgx train`); "
+            f"{hint}, or pass --run runs/<id>"
+        )
+    return path
+
+
+def _positive_int(value: Any, option: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UsageError(f"{option} takes a whole number of at least 1, got {value!r}")
+    return value
+
+
+def _int(value: Any, option: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise UsageError(f"{option} takes a whole number, got {value!r}")
+    return value
+
+
+def _checkpoint(value: Any) -> str | int:
+    """`best`, `last` or a step number (int)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str) and value.lower() in ("best", "last"):
+        return value.lower()
+    raise UsageError(f"--checkpoint takes best, last or a step number, got {value!r}")
+
+
+def _sampler(value: Any) -> str | None:
+    if value is not None and value not in SAMPLERS:
+        raise UsageError(f"--sampler takes {' or '.join(SAMPLERS)}, got {value!r}")
+    return value
+
+
+def _numbers(value: Any, kind: type, option: str) -> tuple[Any, ...]:
+    """`1,1,3` as Fire's tuple, a list, or the strings `1,1,3` / `1x1x3` -> a tuple."""
+    items = value if isinstance(value, list | tuple) else str(value).replace("x", ",").split(",")
+    try:
+        numbers = tuple(kind(str(item).strip()) for item in items if str(item).strip())
+    except ValueError:
+        numbers = ()
+    if not numbers or any(n <= 0 for n in numbers):
+        example = "1,1,3" if kind is float else "128,128,32"
+        raise UsageError(f"{option} takes positive numbers per axis, e.g. {example}; got {value!r}")
+    return numbers
+
+
+def select_device(device: str) -> None:
+    """Makes JAX use `device` (`cpu`, `gpu`, `tpu`) or checks that it is there.
+
+    `auto` leaves the choice to JAX (an accelerator if present, else the CPU). All local
+    devices of the chosen kind are used for data parallelism.
+    """
+    if device not in DEVICES:
+        raise UsageError(f"--device takes {', '.join(DEVICES)}, got {device!r}")
+    if device == "auto":
+        return
+    if device == "cpu" and "jax" not in sys.modules:
+        os.environ["JAX_PLATFORMS"] = "cpu"
+    import jax
+
+    try:
+        found = jax.devices(device)
+    except RuntimeError as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        install = {"gpu": "uv sync --extra cuda", "tpu": "uv sync --extra tpu"}.get(device)
+        raise UsageError(
+            f"--device {device} asked for, but JAX sees no {device.upper()} ({reason}); "
+            + (f"install the {device.upper()} build of jax ({install}) or " if install else "")
+            + "use --device auto"
+        ) from None
+    if jax.default_backend() != found[0].platform:
+        raise UsageError(
+            f"--device {device}: JAX already started on {jax.default_backend()}; "
+            f"set JAX_PLATFORMS={found[0].platform} before starting imgx"
+        )
+
+
+def _print_results(summary: dict[str, Any]) -> None:
+    from imgx_train import reports
+
+    class_names = list(summary.get("per_class", {}))
+    _echo(reports.print_results_table(summary, class_names))
+    output_dir = summary.get("output_dir")
+    if output_dir is not None:
+        _echo(f"results:   {output_dir} (summary.json, per_case.csv, predictions)")
+
+
+def _interrupted(error: BaseException) -> CommandExit:
+    run_dir = getattr(error, "run_dir", error.args[0] if error.args else None)
+    if run_dir is None:
+        return CommandExit(130, "interrupted")
+    return CommandExit(130, f"interrupted; resume with: imgx train --resume {run_dir}")
+
+
+def _train_config(
+    data: str,
+    task: str | None,
+    strategy: str | None,
+    steps: int | None,
+    batch_size: int | None,
+    seed: int | None,
+    wandb: str | None,
+    preset: str | None,
+    overrides: Any,
+) -> Any:
+    """The resolved config: dataset preset, named preset, --set, then the named flags."""
+    from imgx_train import config as config_lib
+    from imgx_train import presets
+
+    # Fire hands a string on unless the text reads as a Python literal (e.g. a dict).
+    if overrides is not None and not isinstance(overrides, dict):
+        overrides = str(overrides)
+    updates = config_lib.parse_overrides(overrides)
+    flags = {
+        "strategy": ("diffusion.strategy", strategy),
+        "steps": ("train.steps", _positive_int(steps, "--steps")),
+        "batch_size": ("data.global_batch_size", _positive_int(batch_size, "--batch-size")),
+        "seed": ("train.seed", None if seed is None else _int(seed, "--seed")),
+        "wandb": ("logging.wandb", wandb),
+    }
+    for flag, (key, value) in flags.items():
+        if value is None:
+            continue
+        if key in updates:
+            raise UsageError(f"{key} is given twice, by {dashed(flag)} and by --set; keep one")
+        updates[key] = value
+    cfg = presets.make_config(data=str(data), task=task, preset=preset, overrides=updates)
+    if strategy is not None and cfg.train.task != "diffusion":
+        raise UsageError(
+            f"--strategy applies to --task diffusion; this run's task is {cfg.train.task}"
+        )
+    return cfg
+
+
+def _print_config(cfg: Any) -> None:
+    from imgx_train import config as config_lib
+
+    head = (
+        f"imgx train: data={cfg.data.name} task={cfg.train.task}"
+        + (f" strategy={cfg.diffusion.strategy}" if cfg.train.task == "diffusion" else "")
+        + f" steps={cfg.train.steps} batch={cfg.data.global_batch_size} seed={cfg.train.seed}"
+    )
+    _echo(head, "config (changes from the defaults; all saved in <run>/config.json):")
+    _echo(*printing.config_changes(cfg, config_lib.Config()))
+
+
+def _print_run_paths(run_dir: Path) -> None:
+    plots = run_dir / "plots"
+    _echo(f"run:       {run_dir}")
+    if plots.is_dir():
+        _echo(f"overlays:  {plots}{os.sep}")
+    if (plots / "curves.png").is_file():
+        _echo(f"curves:    {plots / 'curves.png'}")
+
+
+# ---------------------------------------------------------------------------------------
+# Commands (their docstrings are the `--help` text)
+
+
+def train(
+    data: str = "phantom",
+    task: str | None = None,
+    strategy: str | None = None,
+    steps: int | None = None,
+    batch_size: int | None = None,
+    seed: int | None = None,
+    run_dir: str | None = None,
+    resume: str | None = None,
+    wandb: str | None = None,
+    preset: str | None = None,  # the option users type is --set
+    set: str | None = None,
+    test: bool = True,
+    device: str = "auto",
+) -> None:
+    """Train a model, then test it with the best checkpoint; or resume a run.
+
+    Examples:
+      imgx train                                     # phantom 2D, diffusion, xT-recycling
+      imgx train --data amos_ct --task seg
+      imgx train --strategy self_cond_next --set "optimizer.peak_lr=1e-4,model.dropout=0"
+      imgx train --resume runs/latest --steps 2000   # continue up to 2000 steps in total
+
+    Args:
+      data: dataset name (`imgx datasets` lists them; `imgx build` builds one).
+      task: diffusion or seg; default: the preset's (diffusion).
+      strategy: standard, recycle_next, recycle_last, self_cond_same or self_cond_next.
+      steps: total optimizer steps (also with --resume); default: the dataset preset's.
+      batch_size: global batch size over all devices; default: the dataset preset's.
+      seed: random seed; default 0.
+      run_dir: the run directory to create; default runs/<time>-<data>-<task>.
+      resume: a run directory to continue from its last checkpoint.
+      wandb: offline, online or disabled; default offline.
+      preset: debug, melba2023 or dgm4miccai2023 (papers' settings).
+      set: any config fields, one string: "optimizer.peak_lr=1e-4,model.num_channels=[16,32]".
+      test: test the best checkpoint after training (--no-test skips it).
+      device: auto, cpu, gpu or tpu; all local devices of that kind are used.
+    """
+    select_device(device)
+    import imgx_train
+
+    if resume is not None:
+        others = {
+            "data": data != "phantom",
+            "task": task,
+            "strategy": strategy,
+            "batch_size": batch_size,
+            "seed": seed,
+            "run_dir": run_dir,
+            "wandb": wandb,
+            "preset": preset,
+            "set": set,
+        }
+        extra = [dashed(k) for k, v in others.items() if v not in (None, False)]
+        if extra:
+            raise UsageError(
+                f"--resume continues with the run's saved config; drop {', '.join(extra)} "
+                "(only --steps may change)"
+            )
+        run = _run_dir(resume)
+        total = _positive_int(steps, "--steps")
+        _echo(f"imgx train: resuming {run}" + (f" up to step {total}" if total else ""))
+        try:
+            out = imgx_train.resume(run, steps=total)
+        except imgx_train.TrainingInterrupted as error:
+            raise _interrupted(error) from None
+    else:
+        cfg = _train_config(data, task, strategy, steps, batch_size, seed, wandb, preset, set)
+        _print_config(cfg)
+        try:
+            out = imgx_train.train(cfg, run_dir=_path(run_dir))
+        except imgx_train.TrainingInterrupted as error:
+            raise _interrupted(error) from None
+    out = Path(out)
+    if test:
+        _echo("testing the best checkpoint on the test split")
+        _print_results(imgx_train.evaluate(out, split="test", checkpoint="best"))
+    _print_run_paths(out)
+
+
+def _evaluate(split: str, run: str, sampler, num_steps, checkpoint, num_samples, seed, device):
+    select_device(device)
+    run_dir = _run_dir(run)
+    import imgx_train
+
+    summary = imgx_train.evaluate(
+        run_dir,
+        split=split,
+        sampler=_sampler(sampler),
+        num_steps=_positive_int(num_steps, "--num-steps"),
+        checkpoint=_checkpoint(checkpoint),
+        num_samples=_positive_int(num_samples, "--num-samples"),
+        seed=_int(seed, "--seed"),
+    )
+    _print_results(summary)
+
+
+def valid(
+    run: str = LATEST_RUN,
+    sampler: str | None = None,
+    num_steps: int | None = None,
+    checkpoint: str = "best",
+    num_samples: int = 1,
+    seed: int = 0,
+    device: str = "auto",
+) -> None:
+    """Evaluate a run on the validation split; writes <run>/valid/<sampler>-<steps>/.
+
+    Args:
+      run: the run directory (made by `imgx train`).
+      sampler: diffusion sampler, ddpm or ddim; default: the run's (ddpm).
+      num_steps: diffusion sampling steps; default: the run's (5).
+      checkpoint: best, last or a step number.
+      num_samples: samples per case (diffusion); their mean probability gives the label.
+      seed: random seed of the sampler.
+      device: auto, cpu, gpu or tpu.
+    """
+    _evaluate("valid", run, sampler, num_steps, checkpoint, num_samples, seed, device)
+
+
+def test(
+    run: str = LATEST_RUN,
+    sampler: str | None = None,
+    num_steps: int | None = None,
+    checkpoint: str = "best",
+    num_samples: int = 1,
+    seed: int = 0,
+    device: str = "auto",
+) -> None:
+    """Evaluate a run on the test split; writes <run>/test/<sampler>-<steps>/.
+
+    Writes predictions (.nii.gz / .png), per_case.csv and summary.json, and prints Dice and
+    HD95 per class.
+
+    Args:
+      run: the run directory (made by `imgx train`).
+      sampler: diffusion sampler, ddpm or ddim; default: the run's (ddpm).
+      num_steps: diffusion sampling steps; default: the run's (5).
+      checkpoint: best, last or a step number.
+      num_samples: samples per case (diffusion); their mean probability gives the label.
+      seed: random seed of the sampler.
+      device: auto, cpu, gpu or tpu.
+    """
+    _evaluate("test", run, sampler, num_steps, checkpoint, num_samples, seed, device)
+
+
+def predict(
+    run: str = LATEST_RUN,
+    input: str | None = None,  # so that -i works
+    output: str | None = None,
+    sampler: str | None = None,
+    num_steps: int | None = None,
+    checkpoint: str = "best",
+    num_samples: int = 1,
+    save_probabilities: bool = False,
+    seed: int = 0,
+    device: str = "auto",
+) -> None:
+    """Segment new scans with a trained run; writes <case>.nii.gz in each input's geometry.
+
+    Example:
+      imgx predict --run runs/latest -i scans/ -o preds/ --num-samples 5
+
+    Args:
+      run: the run directory (made by `imgx train`).
+      input: a NIfTI file or a folder of them (channels as _0000, _0001 ...; 2D: also PNG).
+      output: the folder for the predictions.
+      sampler: diffusion sampler, ddpm or ddim; default: the run's (ddpm).
+      num_steps: diffusion sampling steps; default: the run's (5).
+      checkpoint: best, last or a step number.
+      num_samples: samples per case (diffusion); >1 also writes _entropy and _variance maps.
+      save_probabilities: also write <case>_probabilities.nii.gz (classes last).
+      seed: random seed of the sampler.
+      device: auto, cpu, gpu or tpu.
+    """
+    if input is None or output is None:
+        raise UsageError("predict needs -i/--input (a file or folder) and -o/--output (a folder)")
+    inputs = _path(input)
+    if not inputs.exists():
+        raise UsageError(f"-i/--input: {inputs} does not exist")
+    select_device(device)
+    run_dir = _run_dir(run)
+    import imgx_train
+
+    result = imgx_train.predict(
+        run_dir,
+        inputs,
+        _path(output),
+        sampler=_sampler(sampler),
+        num_steps=_positive_int(num_steps, "--num-steps"),
+        checkpoint=_checkpoint(checkpoint),
+        num_samples=_positive_int(num_samples, "--num-samples"),
+        save_probabilities=bool(save_probabilities),
+        seed=_int(seed, "--seed"),
+    )
+    written, failures = result["written"], result["failures"]
+    _echo(f"wrote {len(written)} files to {output}")
+    for path, message in failures:
+        print(f"imgx: failed: {path}: {message}", file=sys.stderr)
+    if failures:
+        raise CommandExit(1, f"{len(failures)} input(s) failed; the others were written")
+
+
+def build(
+    dataset: str,
+    manual_dir: str | None = None,
+    data_dir: str | None = None,
+    name: str | None = None,
+    spacing: str | None = None,
+    shape: str | None = None,
+) -> None:
+    """Build a dataset from the files you downloaded (phantom data: from nothing).
+
+    Examples:
+      imgx build amos_ct --manual-dir ~/downloads          # holds amos22/
+      imgx build nifti_folder --manual-dir ~/Dataset001_Liver --name liver --spacing 1,1,3
+
+    Args:
+      dataset: the dataset (`imgx datasets` lists them), or nifti_folder for your own data.
+      manual_dir: the folder you extracted the download into (or the nnU-Net-style folder).
+      data_dir: dataset store; default $IMGX_DATA_DIR, $TFDS_DATA_DIR or ~/tensorflow_datasets.
+      name: nifti_folder only: the name to train with (imgx train --data NAME).
+      spacing: target voxel spacing in mm per axis (x,y[,z]), e.g. 1,1,3; default: the dataset's.
+      shape: target shape in voxels per axis, e.g. 128,128,32; default: the dataset's.
+    """
+    dataset = str(dataset)
+    if dataset == "nifti_folder" and (name is None or manual_dir is None):
+        raise UsageError(
+            "imgx build nifti_folder needs --manual-dir DIR (with dataset.json, imagesTr/, "
+            "labelsTr/) and --name NAME (then: imgx train --data NAME)"
+        )
+    if dataset != "nifti_folder" and name is not None:
+        raise UsageError("--name is for nifti_folder builds; published datasets keep their name")
+    # imgx_data.build: `name`, `spacing`, `shape` for nifti_folder; `target_spacing`,
+    # `target_shape` for the other builders.
+    prefix = "" if dataset == "nifti_folder" else "target_"
+    options: dict[str, Any] = {}
+    if name is not None:
+        options["name"] = str(name)
+    if spacing is not None:
+        options[prefix + "spacing"] = _numbers(spacing, float, "--spacing")
+    if shape is not None:
+        options[prefix + "shape"] = _numbers(shape, int, "--shape")
+    import imgx_data
+
+    built = imgx_data.build(
+        dataset, manual_dir=_path(manual_dir), data_dir=_path(data_dir), **options
+    )
+    _echo(
+        f"built {built.name} ({_sizes(built.split_sizes)} cases) in {built.path}",
+        f"train with: imgx train --data {built.name}",
+    )
+
+
+def _sizes(split_sizes: dict[str, int]) -> str:
+    return " / ".join(f"{split_sizes.get(split, 0)} {split}" for split in SPLITS)
+
+
+def datasets(data_dir: str | None = None) -> None:
+    """List the datasets, whether they are built, and their sizes.
+
+    Args:
+      data_dir: dataset store; default $IMGX_DATA_DIR, $TFDS_DATA_DIR or ~/tensorflow_datasets.
+    """
+    import imgx_data
+
+    rows = [
+        {
+            "name": d.name,
+            "dims": f"{d.num_spatial_dims}D",
+            "shape": d.image_shape,
+            "spacing_mm": d.spacing,
+            "channels": d.num_channels,
+            "classes": d.num_classes,
+            "built": d.is_built,
+            "train/valid/test": "/".join(str(d.split_sizes.get(s, 0)) for s in SPLITS)
+            if d.is_built
+            else None,
+        }
+        for d in imgx_data.list_datasets(data_dir=_path(data_dir))
+    ]
+    _echo(printing.table(rows), "classes include the background; build one with imgx build")
+
+
+def info(run: str = LATEST_RUN) -> None:
+    """Show a run: its config (changes from the defaults), checkpoints, best metric.
+
+    Args:
+      run: the run directory (made by `imgx train`).
+    """
+    run_dir = _run_dir(run)
+    import imgx_train
+    from imgx_train import config as config_lib
+
+    description = dict(imgx_train.describe_run(run_dir))
+    cfg = description.pop("config", None)
+    _echo(f"run: {run_dir}", *printing.key_values(description))
+    if cfg is not None:
+        _echo("config (changes from the defaults):")
+        _echo(*printing.config_changes(cfg, config_lib.Config()))
+
+
+def version() -> None:
+    """Print the versions of the imgx packages."""
+    from importlib import metadata
+
+    names = ("imgx-cli", "imgx-train", "imgx-data", "imgx-nets", "imgx-diffusion")
+    for name in names:
+        try:
+            _echo(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            _echo(f"{name} (not installed)")
+
+
+COMMANDS = {
+    "train": train,
+    "valid": valid,
+    "test": test,
+    "predict": predict,
+    "build": build,
+    "datasets": datasets,
+    "info": info,
+    "version": version,
+}

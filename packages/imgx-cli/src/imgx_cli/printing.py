@@ -1,0 +1,73 @@
+"""Plain-text rendering of configs, tables and key-value listings for the terminal."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """`{"optimizer": {"peak_lr": 1e-4}}` -> `{"optimizer.peak_lr": 1e-4}`."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def as_plain(value: Any) -> Any:
+    """A dataclass (a config) or mapping as nested JSON values: tuples become lists."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = dataclasses.asdict(value)
+    return json.loads(json.dumps(value, default=str))
+
+
+def config_changes(config: Any, defaults: Any) -> list[str]:
+    """`key = value` lines for the fields of `config` that differ from `defaults`.
+
+    Both are configs (dataclasses) or their `to_dict` form; keys are dotted.
+    """
+    current = flatten(as_plain(config))
+    reference = flatten(as_plain(defaults))
+    changed = {k: v for k, v in current.items() if reference.get(k, object()) != v}
+    width = max((len(k) for k in changed), default=0)
+    return [f"  {key:<{width}} = {cell(value)}" for key, value in changed.items()]
+
+
+def cell(value: Any) -> str:
+    """One value as a short table cell."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, Mapping):
+        return ", ".join(f"{k} {cell(v)}" for k, v in value.items())
+    if isinstance(value, list | tuple):
+        if value and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value):
+            return "x".join(cell(v) for v in value)  # a shape or a spacing
+        return ", ".join(cell(v) for v in value)
+    return str(value)
+
+
+def table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """An aligned text table, one row per mapping, columns in order of first appearance."""
+    if not rows:
+        return "(none)"
+    columns = list(dict.fromkeys(col for row in rows for col in row))
+    cells = [[cell(row.get(col)) for col in columns] for row in rows]
+    widths = [max(len(col), *(len(r[i]) for r in cells)) for i, col in enumerate(columns)]
+    lines = ["  ".join(col.ljust(w) for col, w in zip(columns, widths, strict=True))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def key_values(mapping: Mapping[str, Any]) -> list[str]:
+    """Aligned `key: value` lines."""
+    width = max((len(k) for k in mapping), default=0)
+    return [f"{key + ':':<{width + 1}} {cell(value)}" for key, value in mapping.items()]

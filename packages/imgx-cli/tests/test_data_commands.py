@@ -1,0 +1,51 @@
+"""`imgx build` and `imgx datasets`."""
+
+from pathlib import Path
+
+import pytest
+
+
+def test_build_published_dataset(api, imgx):
+    code, out, _ = imgx("build", "amos_ct", "--manual-dir", "downloads", "--data-dir", "store")
+    assert code == 0
+    assert api.calls == [
+        ("build", ("amos_ct",), {"manual_dir": Path("downloads"), "data_dir": Path("store")})
+    ]
+    assert "built amos_ct (8 train / 1 valid / 1 test cases) in store/amos_ct" in out
+    assert "train with: imgx train --data amos_ct" in out
+
+
+@pytest.mark.parametrize(
+    ("spacing", "shape"),
+    [("1,1,3", "128,128,32"), ("1x1x3", "128x128x32"), ("[1,1,3]", "(128,128,32)")],
+)
+def test_build_nifti_folder_geometry_in_any_spelling(api, imgx, spacing, shape):
+    words = ["build", "nifti_folder", "--manual-dir", "raw", "--name", "liver"]
+    code, out, _ = imgx(*words, "--spacing", spacing, "--shape", shape)
+    assert code == 0
+    (name,), kwargs = api.call("build")
+    assert name == "nifti_folder"
+    assert kwargs == {"manual_dir": Path("raw"), "data_dir": None, "name": "liver",
+                      "spacing": (1.0, 1.0, 3.0), "shape": (128, 128, 32)}  # fmt: skip
+    assert "imgx train --data liver" in out
+
+
+def test_datasets_prints_a_table(api, imgx):
+    code, out, _ = imgx("datasets")
+    assert code == 0
+    assert api.calls == [("list_datasets", (), {"data_dir": None})]
+    header, built, not_built, note = out.strip().splitlines()
+    assert header.split() == [
+        "name", "dims", "shape", "spacing_mm", "channels", "classes", "built", "train/valid/test"
+    ]  # fmt: skip
+    assert built.split() == ["phantom", "2D", "96x96", "1x1.5", "1", "3", "yes", "240/24/48"]
+    assert not_built.split() == ["amos_ct", "2D", "96x96", "1x1.5", "1", "3", "no", "-"]
+    assert "background" in note
+
+
+def test_build_passes_target_geometry_to_published_builders(api, imgx):
+    assert imgx("build", "phantom_3d", "--spacing", "1.5,1.5,5", "--shape", "64,64,32")[0] == 0
+    assert api.call("build")[1] == {
+        "manual_dir": None, "data_dir": None,
+        "target_spacing": (1.5, 1.5, 5.0), "target_shape": (64, 64, 32),
+    }  # fmt: skip

@@ -1,0 +1,33 @@
+"""Text rendering of configs and tables."""
+
+from imgx_cli import printing
+from imgx_train import config as config_lib
+
+
+def test_config_changes_lists_only_changed_fields_aligned():
+    cfg = config_lib.replace(config_lib.Config(), {"train.steps": 7, "model.num_channels": [4, 8]})
+    assert printing.config_changes(cfg, config_lib.Config()) == [
+        "  model.num_channels = 4x8",
+        "  train.steps        = 7",
+    ]
+
+
+def test_config_changes_accepts_the_saved_dict_form():
+    saved = config_lib.to_dict(config_lib.replace(config_lib.Config(), {"eval.sampler": "ddim"}))
+    assert printing.config_changes(saved, config_lib.Config()) == ["  eval.sampler = ddim"]
+
+
+def test_table_aligns_columns_and_formats_cells():
+    rows = [{"name": "a", "ok": True, "x": 0.123456}, {"name": "long", "ok": False, "x": None}]
+    assert printing.table(rows).splitlines() == [
+        "name  ok   x",
+        "a     yes  0.1235",
+        "long  no   -",
+    ]
+    assert printing.table([]) == "(none)"
+
+
+def test_cells():
+    assert printing.cell({"dice": 0.9, "hd95": 2.0}) == "dice 0.9, hd95 2"
+    assert printing.cell(["a", "b"]) == "a, b"
+    assert printing.key_values({"a": 1, "long": "x"}) == ["a:    1", "long: x"]

@@ -1,0 +1,80 @@
+"""`imgx train`: flags -> config, resume, test after training, interruption."""
+
+from pathlib import Path
+
+import imgx_train
+
+
+def test_flags_reach_the_config(api, imgx):
+    code, out, _ = imgx(
+        "train", "--data", "phantom", "--task", "seg", "--steps", "7",
+        "--set", "optimizer.peak_lr=1e-4,model.num_channels=[16,32,64]",
+    )  # fmt: skip
+    assert code == 0
+    (cfg,), kwargs = api.call("train")
+    assert cfg.data.name == "phantom"
+    assert cfg.train.task == "seg"
+    assert cfg.train.steps == 7
+    assert cfg.optimizer.peak_lr == 1e-4
+    assert cfg.model.num_channels == (16, 32, 64)
+    assert kwargs == {"run_dir": None}
+    assert "train.steps" in out and "optimizer.peak_lr" in out  # the printed changes
+
+
+def test_named_flags_and_dashed_or_underscored_spellings(api, imgx, tmp_path):
+    code, _, _ = imgx(
+        "train", "--strategy", "self_cond_next", "--batch-size", "4", "--seed=3",
+        "--wandb", "disabled", "--preset", "debug", "--run_dir", "runs/mine",
+    )  # fmt: skip
+    assert code == 0
+    (cfg,), kwargs = api.call("train")
+    assert cfg.train.task == "diffusion"
+    assert cfg.diffusion.strategy == "self_cond_next"
+    assert cfg.data.global_batch_size == 4
+    assert cfg.train.seed == 3
+    assert cfg.logging.wandb == "disabled"
+    assert cfg.model.num_channels == (4, 8, 16)  # from the debug preset
+    assert kwargs == {"run_dir": Path("runs/mine")}
+
+
+def test_default_run_tests_best_checkpoint_and_prints_where_things_are(api, imgx):
+    code, out, _ = imgx("train")
+    assert code == 0
+    assert api.names() == ["train", "evaluate"]
+    (run,), kwargs = api.call("evaluate")
+    assert kwargs == {"split": "test", "checkpoint": "best"}
+    assert "RESULTS muscle,fascia" in out
+    assert f"run:       {run}" in out
+    assert str(run / "plots" / "curves.png") in out
+    assert str(run / "test" / "ddpm-5") in out
+
+
+def test_no_test_skips_evaluation(api, imgx):
+    assert imgx("train", "--no-test")[0] == 0
+    assert api.names() == ["train"]
+
+
+def test_resume_continues_to_a_total_number_of_steps(api, imgx, run_dir):
+    code, out, _ = imgx("train", "--resume", str(run_dir), "--steps", "20", "--no-test")
+    assert code == 0
+    assert api.calls == [("resume", (run_dir,), {"steps": 20})]
+    assert "resuming" in out and "up to step 20" in out
+
+
+def test_resume_refuses_options_that_would_change_the_run(api, imgx, run_dir, one_line_error):
+    code, _, err = imgx("train", "--resume", str(run_dir), "--data", "amos_ct", "--set", "a=1")
+    one_line_error(code, err, "--data", "--set")
+    assert api.calls == []
+
+
+def test_interrupted_training_says_how_to_resume(api, imgx):
+    api.train_error = imgx_train.TrainingInterrupted(Path("runs/r1"))
+    code, _, err = imgx("train")
+    assert code == 130
+    assert err.strip() == "imgx: interrupted; resume with: imgx train --resume runs/r1"
+
+
+def test_ctrl_c_outside_training_exits_130(api, imgx):
+    api.train_error = KeyboardInterrupt()
+    code, _, err = imgx("train")
+    assert (code, err.strip()) == (130, "imgx: interrupted")
