@@ -305,6 +305,8 @@ def data_source(name: str, split: str, data_dir: str | Path | None = None) -> Da
     info = dataset_info(name, data_dir)
     if not info.is_built:
         raise DatasetError(f"Dataset {name!r} is not built; run imgx_data.ensure_built({name!r}).")
+    if not info.split_sizes.get(split):
+        raise DatasetError(f"Split {split!r} of dataset {name!r} is empty ({info.split_sizes}).")
     builder = tfds.builder_from_directory(str(info.path))
     return DataSource(builder.as_data_source(split=split), name, split)
 

@@ -17,7 +17,6 @@ import tensorflow_datasets as tfds
 
 from imgx_data.datasets.base import (
     ImgxBuilder,
-    generate_split,
     preprocess_case,
     read_case,
     read_json,
@@ -106,7 +105,7 @@ class AmosCt(ImgxBuilder, skip_registration=True):
                         raise DatasetError(
                             f"{path}: file of case {uid} listed in {json_path} not found."
                         )
-        return {split: generate_split(cases, self._load) for split, cases in splits.items()}
+        return self._split_examples(splits)
 
     def _load(self, case: Case) -> tuple[str, PreprocessedCase]:
         uid, image_path, label_path = case

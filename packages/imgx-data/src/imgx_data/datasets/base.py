@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -183,6 +183,23 @@ class ImgxBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             metadata=tfds.core.MetadataDict({METADATA_KEY: self.spec.to_json()}),
         )
 
+    def _split_examples(self, splits: dict[str, Sequence[Any]]) -> dict[str, Iterator[Example]]:
+        """Example generators of the non-empty splits (TFDS cannot write an empty split;
+        an empty split reads as 0 examples)."""
+        if not any(splits.values()):
+            raise DatasetError(f"{self.name}: no cases found in the raw files.")
+        return {split: self._generate_examples(cases) for split, cases in splits.items() if cases}
+
+    def _generate_examples(self, cases: Sequence[Any]) -> Iterator[Example]:
+        """Yields ``(uid, example)`` per case, preprocessed by :meth:`_load`."""
+        for case in cases:
+            uid, processed = self._load(case)
+            yield uid, processed.to_example(uid)
+
+    def _load(self, case: Any) -> tuple[str, PreprocessedCase]:
+        """Reads and preprocesses one case (the builder's own raw-file description)."""
+        raise NotImplementedError
+
     def raw_dir(self, dl_manager: tfds.download.DownloadManager) -> Path:
         """The user's ``--manual-dir``, checked to exist and to be non-empty."""
         directory = dl_manager._manual_dir
@@ -314,12 +331,3 @@ def read_json(path: Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DatasetError(f"{path}: not valid JSON ({exc}).") from exc
-
-
-def generate_split(
-    cases: Sequence[Any], load: Callable[[Any], tuple[str, PreprocessedCase]]
-) -> Iterator[Example]:
-    """Yields ``(uid, example)`` for each case, ``load(case) -> (uid, PreprocessedCase)``."""
-    for case in cases:
-        uid, processed = load(case)
-        yield uid, processed.to_example(uid)

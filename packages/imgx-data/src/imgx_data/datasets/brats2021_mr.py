@@ -20,7 +20,6 @@ import tensorflow_datasets as tfds
 
 from imgx_data.datasets.base import (
     ImgxBuilder,
-    generate_split,
     preprocess_case,
     read_case,
     require_dir,
@@ -102,10 +101,9 @@ class Brats2021Mr(ImgxBuilder, skip_registration=True):
                 if not path.is_file():
                     raise DatasetError(f"{path}: file of case {uid} not found.")
         splits = split_sorted_uids(uids)
-        return {
-            split: generate_split([data_dir / uid for uid in items], self._load)
-            for split, items in splits.items()
-        }
+        return self._split_examples(
+            {split: [data_dir / uid for uid in items] for split, items in splits.items()}
+        )
 
     def _load(self, case_dir: Path) -> tuple[str, PreprocessedCase]:
         uid = case_dir.name

@@ -17,7 +17,6 @@ import tensorflow_datasets as tfds
 from imgx_data.datasets.base import (
     ImgxBuilder,
     find_nifti,
-    generate_split,
     preprocess_case,
     read_case,
     require_dir,
@@ -98,7 +97,7 @@ class MalePelvicMr(ImgxBuilder, skip_registration=True):
             ]
             for split, uids in splits.items()
         }
-        return {split: generate_split(items, self._load) for split, items in cases.items()}
+        return self._split_examples(cases)
 
     def _load(self, case: tuple[str, Path, Path]) -> tuple[str, PreprocessedCase]:
         uid, image_path, label_path = case

@@ -18,7 +18,6 @@ import tensorflow_datasets as tfds
 from imgx_data.datasets.base import (
     ImgxBuilder,
     check_finite,
-    generate_split,
     preprocess_case,
     require_dir,
 )
@@ -81,7 +80,7 @@ class MuscleUs(ImgxBuilder, skip_registration=True):
             split: pair_images_and_masks(muscle_dir / images, muscle_dir / masks)
             for split, (images, masks) in MUSCLE_FOLDERS.items()
         }
-        return {split: generate_split(cases, self._load) for split, cases in pairs.items()}
+        return self._split_examples(pairs)
 
     def _load(self, pair: tuple[Path, Path]) -> tuple[str, PreprocessedCase]:
         image_path, mask_path = pair

@@ -36,7 +36,6 @@ from imgx_data.datasets.base import (
     ImgxBuilder,
     check_finite,
     check_label_values,
-    generate_split,
     preprocess_case,
     read_json,
     require_dir,
@@ -335,10 +334,9 @@ class NiftiFolder(ImgxBuilder, skip_registration=True):
     def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Any]:
         del dl_manager
         by_uid = {case.uid: case for case in self.plan.layout.cases}
-        return {
-            split: generate_split([by_uid[u] for u in uids], self._load)
-            for split, uids in self.plan.splits.items()
-        }
+        return self._split_examples(
+            {split: [by_uid[u] for u in uids] for split, uids in self.plan.splits.items()}
+        )
 
     def _load(self, case: NiftiCase) -> tuple[str, PreprocessedCase]:
         ndim = len(self.target_shape)
