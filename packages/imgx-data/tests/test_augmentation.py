@@ -230,3 +230,15 @@ def test_augment_batch_under_a_mesh_keeps_batch_sharding():
 def test_config_rejects_bad_probability():
     with pytest.raises(ValueError, match="probability"):
         AugmentationConfig(probability=1.5)
+
+
+@pytest.mark.parametrize(
+    ("config", "match"),
+    [
+        (AugmentationConfig(shift=(0.1, 0.2, 0.3)), "shift"),
+        (AugmentationConfig(flip_axes=(2,)), "flip_axes"),
+    ],
+)
+def test_config_that_does_not_fit_the_image_is_named(config, match):
+    with pytest.raises(ValueError, match=match):
+        sample_affine_parameters(jax.random.key(0), config, (8, 8))

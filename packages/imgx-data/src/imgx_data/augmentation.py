@@ -275,7 +275,16 @@ def sample_affine_parameters(
     ndim = len(image_shape)
     num_angles = 1 if ndim == 2 else 3
     num_pairs = ndim * (ndim - 1) // 2
-    shift = np.broadcast_to(np.asarray(config.shift, np.float32), (ndim,))
+    shift = np.asarray(config.shift, np.float32)
+    if shift.ndim and shift.shape != (ndim,):
+        raise ValueError(
+            f"AugmentationConfig.shift {config.shift} needs one value per spatial axis ({ndim})."
+        )
+    if any(not 0 <= axis < ndim for axis in config.flip_axes):
+        raise ValueError(
+            f"AugmentationConfig.flip_axes {config.flip_axes} must be spatial axes in [0, {ndim})."
+        )
+    shift = np.broadcast_to(shift, (ndim,))
     if config.shift_unit == "fraction":
         shift = shift * np.asarray(image_shape, np.float32)
     keys = jax.random.split(key, 9)
