@@ -78,3 +78,20 @@ def test_ctrl_c_outside_training_exits_130(api, imgx):
     api.train_error = KeyboardInterrupt()
     code, _, err = imgx("train")
     assert (code, err.strip()) == (130, "imgx: interrupted")
+
+
+def test_ctrl_c_while_testing_says_training_is_done(api, imgx, monkeypatch):
+    def interrupted(run_dir, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(imgx_train, "evaluate", interrupted)
+    code, _, err = imgx("train", "--run-dir", "runs/r2")
+    assert code == 130
+    assert err.strip() == (
+        "imgx: interrupted while testing; training is done: imgx test --run runs/r2"
+    )
+
+
+def test_device_cpu_runs_on_the_cpu(api, imgx):
+    assert imgx("train", "--device", "cpu", "--no-test")[0] == 0
+    assert api.names() == ["train"]

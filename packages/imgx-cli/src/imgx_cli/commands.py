@@ -106,6 +106,11 @@ def select_device(device: str) -> None:
         os.environ["JAX_PLATFORMS"] = "cpu"
     import jax
 
+    from imgx_train import devices
+
+    # A multi-host run must join before anything starts a JAX backend (jax.devices does).
+    devices.initialize_distributed()
+
     try:
         found = jax.devices(device)
     except RuntimeError as error:
@@ -189,7 +194,7 @@ def _print_config(cfg: Any) -> None:
         + f" steps={cfg.train.steps} batch={cfg.data.global_batch_size} seed={cfg.train.seed}"
     )
     _echo(head, "config (changes from the defaults; all saved in <run>/config.json):")
-    _echo(*printing.config_changes(cfg, config_lib.Config()))
+    _echo(*(printing.config_changes(cfg, config_lib.Config()) or ["  (none)"]))
 
 
 def _print_run_paths(run_dir: Path) -> None:
@@ -215,8 +220,8 @@ def train(
     run_dir: str | None = None,
     resume: str | None = None,
     wandb: str | None = None,
-    preset: str | None = None,  # the option users type is --set
-    set: str | None = None,
+    preset: str | None = None,
+    set: str | None = None,  # the option users type is --set
     test: bool = True,
     device: str = "auto",
 ) -> None:
@@ -281,7 +286,13 @@ def train(
     out = Path(out)
     if test:
         _echo("testing the best checkpoint on the test split")
-        _print_results(imgx_train.evaluate(out, split="test", checkpoint="best"))
+        try:
+            summary = imgx_train.evaluate(out, split="test", checkpoint="best")
+        except KeyboardInterrupt:
+            raise CommandExit(
+                130, f"interrupted while testing; training is done: imgx test --run {out}"
+            ) from None
+        _print_results(summary)
     _print_run_paths(out)
 
 
@@ -504,7 +515,7 @@ def info(run: str = LATEST_RUN) -> None:
     _echo(f"run: {run_dir}", *printing.key_values(description))
     if cfg is not None:
         _echo("config (changes from the defaults):")
-        _echo(*printing.config_changes(cfg, config_lib.Config()))
+        _echo(*(printing.config_changes(cfg, config_lib.Config()) or ["  (none)"]))
 
 
 def version() -> None:
