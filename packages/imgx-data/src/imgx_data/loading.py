@@ -265,7 +265,7 @@ class TrainIterator(Iterator[dict[str, Any]]):
 
     def __next__(self) -> dict[str, Any]:
         step = self._step
-        for ahead in range(1, self._prefetch + 1):
+        for ahead in range(self._prefetch + 1):  # the current batch first
             self._reader.request(step + ahead, self.positions(step + ahead))
         host = self._reader.take(step, self.positions(step))
         host["valid"] = np.ones(len(self._rows), dtype=bool)
@@ -307,6 +307,12 @@ class TrainIterator(Iterator[dict[str, Any]]):
         """Stops the reader threads."""
         self._reader.close()
 
+    def __enter__(self) -> TrainIterator:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
 
 def eval_batches(
     source: RandomAccessSource,
@@ -345,7 +351,7 @@ def eval_batches(
     reader = _Reader(source, num_threads)
     try:
         for index in range(num_batches):
-            for ahead in range(index + 1, min(index + 1 + prefetch, num_batches)):
+            for ahead in range(index, min(index + 1 + prefetch, num_batches)):
                 reader.request(ahead, positions(ahead))
             host = reader.take(index, positions(index))
             host["valid"] = np.asarray([index * batch_size + row < num_samples for row in rows])
