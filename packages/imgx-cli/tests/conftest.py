@@ -11,8 +11,6 @@ if _FLAG not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import sys  # noqa: E402
-import types  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -31,10 +29,18 @@ class TrainingInterrupted(Exception):
         self.run_dir = run_dir
 
 
-SUMMARY = {
+def _stats(mean: float, std: float) -> dict[str, float]:
+    return {"mean": mean, "std": std, "median": mean, "count": 2}
+
+
+SUMMARY = {  # the form of imgx_train.reports.summarize, background first
     "num_cases": 2,
-    "foreground_mean": {"dice": 0.9, "hd95": 1.5},
-    "per_class": {"muscle": {"dice": {"mean": 0.9}}, "fascia": {"dice": {"mean": 0.8}}},
+    "foreground_mean": {"dice": 0.85, "hd95": 1.5},
+    "per_class": {
+        "background": {"dice": _stats(0.99, 0.0), "hd95": _stats(0.5, 0.0)},
+        "muscle": {"dice": _stats(0.9, 0.01), "hd95": _stats(1.0, 0.1)},
+        "fascia": {"dice": _stats(0.8, 0.02), "hd95": _stats(2.0, 0.2)},
+    },
 }
 
 
@@ -104,9 +110,6 @@ class Api:
         self.calls.append(("describe_run", (run_dir,), {}))
         return {"config": {"train": {"steps": 7}}, "last_step": 7, "best_dice": 0.91}
 
-    def print_results_table(self, summary, class_names):
-        return "RESULTS " + ",".join(class_names)
-
     def build(self, dataset, /, **kwargs):
         self.calls.append(("build", (dataset,), kwargs))
         return dataset_info(kwargs.get("name", dataset), {"train": 8, "valid": 1, "test": 1})
@@ -123,10 +126,6 @@ def api(monkeypatch, tmp_path):
     for name in ("train", "resume", "evaluate", "predict", "describe_run"):
         monkeypatch.setattr(imgx_train, name, getattr(fake, name), raising=False)
     monkeypatch.setattr(imgx_train, "TrainingInterrupted", TrainingInterrupted, raising=False)
-    reports = types.ModuleType("imgx_train.reports")
-    reports.print_results_table = fake.print_results_table
-    monkeypatch.setitem(sys.modules, "imgx_train.reports", reports)
-    monkeypatch.setattr(imgx_train, "reports", reports, raising=False)
     for name in ("build", "list_datasets"):
         monkeypatch.setattr(imgx_data, name, getattr(fake, name), raising=False)
     monkeypatch.chdir(tmp_path)

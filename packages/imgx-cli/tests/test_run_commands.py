@@ -15,7 +15,8 @@ def test_evaluation_options_reach_evaluate(api, imgx, run_dir, split):
     expected = {"split": split, "sampler": "ddim", "num_steps": 10, "checkpoint": "last",
                 "num_samples": 2, "seed": 1}  # fmt: skip
     assert api.calls == [("evaluate", (run_dir,), expected)]
-    assert "RESULTS muscle,fascia" in out
+    assert "muscle" in out and "0.900 ± 0.010" in out and "2.00 ± 0.20" in out
+    assert "background" not in out
     assert str(run_dir / split / "ddpm-5") in out
 
 

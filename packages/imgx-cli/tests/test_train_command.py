@@ -43,7 +43,8 @@ def test_default_run_tests_best_checkpoint_and_prints_where_things_are(api, imgx
     assert api.names() == ["train", "evaluate"]
     (run,), kwargs = api.call("evaluate")
     assert kwargs == {"split": "test", "checkpoint": "best"}
-    assert "RESULTS muscle,fascia" in out
+    assert "muscle" in out and "0.900 ± 0.010" in out and "2.00 ± 0.20" in out
+    assert "background" not in out
     assert f"run:       {run}" in out
     assert str(run / "plots" / "curves.png") in out
     assert str(run / "test" / "ddpm-5") in out
