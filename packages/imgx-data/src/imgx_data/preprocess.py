@@ -305,5 +305,5 @@ def preprocess_volume(
 
 def _float_pixel_type(image: sitk.Image) -> int:
     if image.GetNumberOfComponentsPerPixel() > 1:
-        return sitk.sitkVectorFlo32
+        return sitk.sitkVectorFloat32
     return sitk.sitkFloat32

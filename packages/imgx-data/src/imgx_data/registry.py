@@ -177,6 +177,7 @@ def build_command(name: str) -> str:
 
 def build(
     name: str,
+    /,
     *,
     manual_dir: str | Path | None = None,
     data_dir: str | Path | None = None,
@@ -186,7 +187,8 @@ def build(
     """Builds a dataset into the data dir and describes it.
 
     Args:
-        name: a published/built-in name, or ``"nifti_folder"`` with ``options["name"]``.
+        name: a published/built-in name, or ``"nifti_folder"`` with the keyword option
+            ``name=NAME`` (positional-only, so the two names do not clash).
         manual_dir: folder (or zip file) with the raw files; see :class:`DatasetInfo`'s
             ``manual_dir`` for what it must hold. Not needed for the phantoms.
         data_dir: see :func:`data_dir`.

@@ -95,6 +95,20 @@ class DatasetSpec:
         )
 
 
+def _make_spec(source: Any, shape: Sequence[int], spacing: Sequence[float]) -> DatasetSpec:
+    """DatasetSpec from a builder class or instance (``source``) and a target grid."""
+    return DatasetSpec(
+        num_spatial_dims=len(shape),
+        image_shape=tuple(shape),
+        num_channels=source.NUM_CHANNELS,
+        class_names=source.CLASS_NAMES,
+        overlapping=source.OVERLAPPING,
+        spacing=tuple(spacing),
+        postprocess=source.POSTPROCESS,
+        manual_dir=source.MANUAL_DIR,
+    )
+
+
 class ImgxBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Base of the imgx builders: array_record files, imgx features and metadata.
 
@@ -147,29 +161,12 @@ class ImgxBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     @classmethod
     def default_spec(cls) -> DatasetSpec:
         """The spec of the dataset built with the default target grid."""
-        return cls._spec(cls.TARGET_SHAPE, cls.TARGET_SPACING)
-
-    @classmethod
-    def _spec(cls, shape: Sequence[int], spacing: Sequence[float]) -> DatasetSpec:
-        return DatasetSpec(
-            num_spatial_dims=len(shape),
-            image_shape=tuple(shape),
-            num_channels=cls.NUM_CHANNELS,
-            class_names=cls.CLASS_NAMES,
-            overlapping=cls.OVERLAPPING,
-            spacing=tuple(spacing),
-            postprocess=cls.POSTPROCESS,
-            manual_dir=cls.MANUAL_DIR,
-        )
+        return _make_spec(cls, cls.TARGET_SHAPE, cls.TARGET_SPACING)
 
     @property
     def spec(self) -> DatasetSpec:
         """The spec of this build (instances may set their own classes and channels)."""
-        return dataclasses.replace(
-            self._spec(self.target_shape, self.target_spacing),
-            num_channels=self.NUM_CHANNELS,
-            class_names=self.CLASS_NAMES,
-        )
+        return _make_spec(self, self.target_shape, self.target_spacing)
 
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(

@@ -1,0 +1,251 @@
+"""Tests of building the user's own data (nnU-Net v2 / Decathlon layouts)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+import imgx_data
+from imgx_data import DatasetError, Geometry, write_image
+from imgx_data.datasets.nifti_folder import default_split
+
+
+def _case(shape, seed):
+    label = np.zeros(shape, np.uint8)
+    label[1:4, 1:3] = 1
+    label[4:6, 3:5] = 2
+    image = 50.0 * label + np.random.default_rng(seed).normal(0, 5, size=shape)
+    return image.astype(np.float32), label
+
+
+def write_nnunet(
+    root: Path,
+    num_cases: int = 10,
+    *,
+    channels: int = 2,
+    ending: str = ".nii.gz",
+    shape: tuple[int, ...] = (8, 8, 4),
+    spacings: tuple[tuple[float, ...], ...] = ((1.0, 1.0, 2.0), (1.0, 1.0, 3.0)),
+) -> None:
+    """nnU-Net v2: dataset.json, imagesTr/<case>_000c<ending>, labelsTr/<case><ending>."""
+    meta = {
+        "channel_names": {str(c): f"MR{c}" for c in range(channels)},
+        "labels": {"background": 0, "left lobe": 1, "right lobe": 2},
+        "numTraining": num_cases,
+        "file_ending": ending,
+    }
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    (root / "dataset.json").write_text(json.dumps(meta))
+    for i in range(num_cases):
+        image, label = _case(shape, i)
+        if ending == ".png":
+            image = np.clip(np.round(image + 20), 0, 250).astype(np.uint8)
+        geometry = Geometry.identity(shape, spacings[i % len(spacings)])
+        for c in range(channels):
+            write_image(root / "imagesTr" / f"case{i:03d}_{c:04d}{ending}", image + c, geometry)
+        write_image(root / "labelsTr" / f"case{i:03d}{ending}", label, geometry)
+
+
+def _build(tmp_path, raw, name="mine", **options):
+    return imgx_data.build(
+        "nifti_folder", manual_dir=raw, data_dir=tmp_path / "data", name=name, **options
+    )
+
+
+def test_nnunet_layout_derives_grid_and_split(tmp_path):
+    write_nnunet(tmp_path / "raw")
+    info = _build(tmp_path, tmp_path / "raw")
+    assert info.class_names == ("background", "left lobe", "right lobe")
+    assert info.num_channels == 2 and info.num_spatial_dims == 3
+    # Median of z spacings {2, 3} x 5 each = 2.5; z size round(4 * 3 / 2.5) = 5 -> 8.
+    assert info.spacing == (1.0, 1.0, 2.5)
+    assert info.image_shape == (8, 8, 8)
+    assert info.split_sizes == {"train": 8, "valid": 1, "test": 1}
+    split = default_split([f"case{i:03d}" for i in range(10)])
+    source = imgx_data.data_source("mine", "valid", tmp_path / "data")
+    assert [source[0]["uid"]] == split["valid"]
+    example = source[0]
+    assert example["image"].shape == (8, 8, 8, 2)
+    assert set(np.unique(example["label"])) == {0, 1, 2}
+
+
+def test_user_grid_and_splits_json(tmp_path):
+    raw = tmp_path / "raw"
+    write_nnunet(raw, 4, channels=1)
+    (raw / "splits.json").write_text(
+        json.dumps({"train": ["case000", "case001"], "valid": ["case002"], "test": ["case003"]})
+    )
+    info = _build(tmp_path, raw, spacing=(2.0, 2.0, 3.0), shape=(4, 4, 4))
+    assert info.spacing == (2.0, 2.0, 3.0) and info.image_shape == (4, 4, 4)
+    assert info.split_sizes == {"train": 2, "valid": 1, "test": 1}
+    test = imgx_data.data_source("mine", "test", tmp_path / "data")[0]
+    assert test["uid"] == "case003"
+    restored, geometry = imgx_data.restore_to_original(test["label"], test)
+    assert geometry.shape == (8, 8, 4)
+    np.testing.assert_allclose(geometry.spacing, (1.0, 1.0, 3.0))
+
+
+def test_decathlon_layout_with_4d_images(tmp_path):
+    raw = tmp_path / "Task01_Tiny"
+    (raw / "imagesTr").mkdir(parents=True)
+    (raw / "labelsTr").mkdir()
+    training = []
+    for i in range(3):
+        image, label = _case((6, 6, 3), i)
+        four_d = sitk.JoinSeries(
+            [sitk.GetImageFromArray(image.T), sitk.GetImageFromArray(image.T + 1)]
+        )
+        sitk.WriteImage(four_d, str(raw / "imagesTr" / f"tiny_{i}.nii.gz"))
+        write_image(
+            raw / "labelsTr" / f"tiny_{i}.nii.gz", label, Geometry.identity((6, 6, 3), (1, 1, 1))
+        )
+        training.append(
+            {"image": f"./imagesTr/tiny_{i}.nii.gz", "label": f"./labelsTr/tiny_{i}.nii.gz"}
+        )
+    meta = {
+        "modality": {"0": "FLAIR", "1": "T1w"},
+        "labels": {"0": "background", "1": "edema", "2": "tumour"},
+        "training": training,
+    }
+    (raw / "dataset.json").write_text(json.dumps(meta))
+    info = _build(tmp_path, raw, name="tiny")
+    assert info.num_channels == 2 and info.class_names[2] == "tumour"
+    example = imgx_data.data_source("tiny", "train", tmp_path / "data")[0]
+    assert example["image"].shape == (8, 8, 8, 2)
+
+
+def test_png_2d_and_several_datasets_listed(tmp_path):
+    raw = tmp_path / "raw"
+    write_nnunet(raw, 5, channels=1, ending=".png", shape=(10, 7), spacings=((1.0, 1.0),))
+    info = _build(tmp_path, raw, name="us_2d")
+    assert info.num_spatial_dims == 2 and info.image_shape == (16, 8)
+    write_nnunet(tmp_path / "raw3d", 3, channels=1)
+    _build(tmp_path, tmp_path / "raw3d", name="ct_3d")
+    names = [d.name for d in imgx_data.list_datasets(tmp_path / "data")]
+    assert names[-2:] == ["ct_3d", "us_2d"] and "phantom" in names
+    assert imgx_data.dataset_info("us_2d", tmp_path / "data").is_built
+
+
+def test_single_slice_nifti_is_2d(tmp_path):
+    raw = tmp_path / "raw"
+    write_nnunet(raw, 3, channels=1, shape=(8, 8, 1), spacings=((0.5, 0.5, 1.0),))
+    info = _build(tmp_path, raw)
+    assert info.num_spatial_dims == 2 and info.spacing == (0.5, 0.5)
+
+
+def test_default_split_is_seeded_80_10_10():
+    uids = [f"c{i:02d}" for i in range(20)]
+    split = default_split(uids)
+    assert [len(split[s]) for s in ("train", "valid", "test")] == [16, 2, 2]
+    assert split == default_split(list(reversed(uids)))
+    assert sorted(sum(split.values(), [])) == uids
+
+
+def _rewrite_json(**changes):
+    def change(raw):
+        meta = json.loads((raw / "dataset.json").read_text())
+        meta.update(changes)
+        for key, value in changes.items():
+            if value is None:
+                del meta[key]
+        (raw / "dataset.json").write_text(json.dumps(meta))
+
+    return change
+
+
+def _nan_mha(raw):
+    # ITK's NIfTI reader turns NaN into 0, so use MetaImage, which keeps NaN.
+    for path in sorted((raw / "imagesTr").glob("*.nii.gz")) + sorted((raw / "labelsTr").glob("*")):
+        image = sitk.ReadImage(str(path))
+        if "imagesTr" in str(path) and path.name.startswith("case001"):
+            array = sitk.GetArrayFromImage(image)
+            array[0, 0, 0] = np.nan
+            image = _copy(array, image)
+        sitk.WriteImage(image, str(path).replace(".nii.gz", ".mha"))
+        path.unlink()
+    _rewrite_json(file_ending=".mha")(raw)
+
+
+def _copy(array, reference):
+    image = sitk.GetImageFromArray(array)
+    image.CopyInformation(reference)
+    return image
+
+
+def _shift_label(raw):
+    image = sitk.ReadImage(str(raw / "labelsTr" / "case002.nii.gz"))
+    image.SetOrigin((0.0, 0.5, 0.0))
+    sitk.WriteImage(image, str(raw / "labelsTr" / "case002.nii.gz"))
+
+
+def _label_value(raw):
+    image = sitk.ReadImage(str(raw / "labelsTr" / "case002.nii.gz"))
+    array = sitk.GetArrayFromImage(image)
+    array[0, 0, 0] = 7
+    sitk.WriteImage(_copy(array, image), str(raw / "labelsTr" / "case002.nii.gz"))
+
+
+def _splits(content):
+    def change(raw):
+        (raw / "splits.json").write_text(json.dumps(content))
+
+    return change
+
+
+BAD_FOLDERS = [
+    pytest.param(lambda raw: (raw / "dataset.json").unlink(), r"raw: no dataset.json", id="json"),
+    pytest.param(_rewrite_json(channel_names=None), r"dataset.json: neither nnU-Net", id="keys"),
+    pytest.param(_rewrite_json(file_ending=None), r"needs 'labels'.*'file_ending'", id="ending"),
+    pytest.param(
+        _rewrite_json(labels={"background": 0, "a": 2}),
+        r"without gaps, got values \[0, 2\]",
+        id="label gap",
+    ),
+    pytest.param(
+        lambda raw: (raw / "labelsTr" / "case001.nii.gz").unlink(),
+        r"case001_0000.nii.gz: image has no label",
+        id="image without label",
+    ),
+    pytest.param(
+        lambda raw: (raw / "imagesTr" / "case001_0001.nii.gz").unlink(),
+        r"case001_0001.nii.gz: file not found",
+        id="missing channel",
+    ),
+    pytest.param(_shift_label, r"Case case002: origin of image case002_0000", id="geometry"),
+    pytest.param(_label_value, r"case002.nii.gz: label values \[7\]", id="label value"),
+    pytest.param(_nan_mha, r"case001_0000.mha: 1 NaN or infinite", id="NaN"),
+    pytest.param(
+        _splits({"train": ["case000", "nope"]}), r"splits.json: case 'nope'", id="splits unknown"
+    ),
+    pytest.param(
+        _splits({"train": ["case000"], "test": ["case000"]}),
+        r"more than one split",
+        id="splits twice",
+    ),
+]
+
+
+@pytest.mark.parametrize(("change", "message"), BAD_FOLDERS)
+def test_bad_folder_names_the_problem_and_leaves_nothing(tmp_path, change, message):
+    raw = tmp_path / "raw"
+    write_nnunet(raw, 4)
+    change(raw)
+    with pytest.raises(DatasetError, match=message):
+        _build(tmp_path, raw)
+    assert not (tmp_path / "data" / "mine").exists()
+    assert [d.name for d in imgx_data.list_datasets(tmp_path / "data")][-1] != "mine"
+
+
+def test_bad_names(tmp_path):
+    write_nnunet(tmp_path / "raw", 3, channels=1)
+    with pytest.raises(DatasetError, match="taken by a built-in"):
+        _build(tmp_path, tmp_path / "raw", name="phantom")
+    with pytest.raises(DatasetError, match="lower case"):
+        _build(tmp_path, tmp_path / "raw", name="My Data")
+    with pytest.raises(DatasetError, match="needs a name"):
+        imgx_data.build("nifti_folder", manual_dir=tmp_path / "raw", data_dir=tmp_path)

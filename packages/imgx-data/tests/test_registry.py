@@ -1,0 +1,72 @@
+"""Tests of the dataset registry: data dir, names, info, build on demand, sources."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+import imgx_data
+
+
+def test_data_dir_precedence(monkeypatch, tmp_path):
+    monkeypatch.delenv("IMGX_DATA_DIR", raising=False)
+    monkeypatch.delenv("TFDS_DATA_DIR", raising=False)
+    assert imgx_data.data_dir().name == "tensorflow_datasets"
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
+    assert imgx_data.data_dir() == tmp_path / "tfds"
+    monkeypatch.setenv("IMGX_DATA_DIR", str(tmp_path / "imgx"))
+    assert imgx_data.data_dir() == tmp_path / "imgx"
+    assert imgx_data.data_dir(tmp_path / "given") == tmp_path / "given"
+
+
+def test_unknown_dataset_lists_valid_names(tmp_path):
+    with pytest.raises(
+        ValueError, match=r"Unknown dataset 'nope'; valid names: phantom, phantom_3d"
+    ):
+        imgx_data.dataset_info("nope", tmp_path)
+    with pytest.raises(imgx_data.DatasetError, match="buildable"):
+        imgx_data.build("nope", data_dir=tmp_path)
+
+
+def test_info_of_unbuilt_datasets(tmp_path):
+    infos = {info.name: info for info in imgx_data.list_datasets(tmp_path)}
+    assert set(infos) == {
+        "phantom",
+        "phantom_3d",
+        "muscle_us",
+        "male_pelvic_mr",
+        "amos_ct",
+        "brats2021_mr",
+        "brats2021_mr_wt",
+    }
+    brats = infos["brats2021_mr"]
+    assert brats.overlapping and brats.num_classes == 4 and brats.num_channels == 4
+    assert not infos["brats2021_mr_wt"].overlapping and infos["brats2021_mr_wt"].num_classes == 2
+    assert infos["phantom"].split_sizes == {} and not infos["phantom"].is_built
+    assert "BraTS2021_Training_Data" in brats.manual_dir
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        brats.name = "x"  # type: ignore[misc]
+
+
+def test_ensure_built_builds_phantoms_only(tmp_path):
+    with pytest.raises(imgx_data.DatasetError, match=r"run: imgx build brats2021_mr --manual-dir"):
+        imgx_data.ensure_built("brats2021_mr", tmp_path)
+    imgx_data.build("phantom", data_dir=tmp_path, split_sizes=(2, 1, 1))
+    info = imgx_data.ensure_built("phantom", tmp_path)  # already built: kept as it is
+    assert info.split_sizes == {"train": 2, "valid": 1, "test": 1}
+    rebuilt = imgx_data.build("phantom", data_dir=tmp_path, split_sizes=(3, 1, 1), overwrite=True)
+    assert rebuilt.split_sizes["train"] == 3
+
+
+def test_data_source_items_and_errors(tmp_path):
+    imgx_data.build("phantom", data_dir=tmp_path, split_sizes=(2, 1, 1))
+    source = imgx_data.data_source("phantom", "train", tmp_path)
+    assert len(source) == 2
+    example = source[1]
+    assert isinstance(example["uid"], str) and example["uid"] == "train_0001"
+    assert example["image"].dtype == np.float32 and example["label"].dtype == np.uint8
+    assert example["spacing"].dtype == np.float32
+    with pytest.raises(imgx_data.DatasetError, match="Unknown split 'training'"):
+        imgx_data.data_source("phantom", "training", tmp_path)
+    with pytest.raises(imgx_data.DatasetError, match="not built"):
+        imgx_data.data_source("phantom_3d", "train", tmp_path)
