@@ -22,11 +22,12 @@ from imgx_data.registry import DatasetInfo  # noqa: E402
 
 
 class TrainingInterrupted(Exception):
-    """Stands in for imgx_train.TrainingInterrupted(run_dir)."""
+    """Stands in for imgx_train.TrainingInterrupted(run_dir, step)."""
 
-    def __init__(self, run_dir):
-        super().__init__(run_dir)
+    def __init__(self, run_dir, step):
+        super().__init__(f"interrupted at step {step}")
         self.run_dir = run_dir
+        self.step = step
 
 
 def _stats(mean: float, std: float) -> dict[str, float]:
@@ -108,7 +109,13 @@ class Api:
 
     def describe_run(self, run_dir):
         self.calls.append(("describe_run", (run_dir,), {}))
-        return {"config": {"train": {"steps": 7}}, "last_step": 7, "best_dice": 0.91}
+        return {
+            "run_dir": str(run_dir),
+            "data": "phantom",
+            "checkpoints": [4, 7],
+            "best": {"step": 4, "dice": 0.91},
+            "config": {"train": {"steps": 7}},
+        }
 
     def build(self, dataset, /, **kwargs):
         self.calls.append(("build", (dataset,), kwargs))

@@ -5,11 +5,16 @@ from imgx_train import config as config_lib
 
 
 def test_config_changes_lists_only_changed_fields_aligned():
-    cfg = config_lib.replace(config_lib.Config(), {"train.steps": 7, "model.num_channels": [4, 8]})
+    changes = {"train.steps": 7, "model.num_channels": [4, 8], "train.max_valid_cases": 3}
+    cfg = config_lib.replace(config_lib.Config(), changes)
     assert printing.config_changes(cfg, config_lib.Config()) == [
-        "  model.num_channels = 4x8",
-        "  train.steps        = 7",
+        "  model.num_channels    = [4,8]",
+        "  train.steps           = 7",
+        "  train.max_valid_cases = 3",
     ]
+    back = config_lib.replace(cfg, {"train.max_valid_cases": None})
+    assert printing.config_changes(cfg, back) == ["  train.max_valid_cases = 3"]
+    assert printing.config_changes(back, cfg) == ["  train.max_valid_cases = null"]
 
 
 def test_config_changes_accepts_the_saved_dict_form():
@@ -30,4 +35,6 @@ def test_table_aligns_columns_and_formats_cells():
 def test_cells():
     assert printing.cell({"dice": 0.9, "hd95": 2.0}) == "dice 0.9, hd95 2"
     assert printing.cell(["a", "b"]) == "a, b"
+    assert printing.cell([4, 7]) == "4, 7"
+    assert printing.cell((96, 96, 1.5)) == "96x96x1.5"
     assert printing.key_values({"a": 1, "long": "x"}) == ["a:    1", "long: x"]

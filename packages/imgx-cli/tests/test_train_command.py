@@ -69,10 +69,10 @@ def test_resume_refuses_options_that_would_change_the_run(api, imgx, run_dir, on
 
 
 def test_interrupted_training_says_how_to_resume(api, imgx):
-    api.train_error = imgx_train.TrainingInterrupted(Path("runs/r1"))
+    api.train_error = imgx_train.TrainingInterrupted(Path("runs/r1"), 12)
     code, _, err = imgx("train")
     assert code == 130
-    assert err.strip() == "imgx: interrupted; resume with: imgx train --resume runs/r1"
+    assert err.strip() == "imgx: interrupted at step 12; resume with: imgx train --resume runs/r1"
 
 
 def test_ctrl_c_outside_training_exits_130(api, imgx):

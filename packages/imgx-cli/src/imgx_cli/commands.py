@@ -139,10 +139,10 @@ def _print_results(summary: dict[str, Any]) -> None:
 
 
 def _interrupted(error: BaseException) -> CommandExit:
-    run_dir = getattr(error, "run_dir", error.args[0] if error.args else None)
-    if run_dir is None:
-        return CommandExit(130, "interrupted")
-    return CommandExit(130, f"interrupted; resume with: imgx train --resume {run_dir}")
+    """imgx_train.TrainingInterrupted(run_dir, step): a checkpoint was saved."""
+    step = getattr(error, "step", None)
+    where = "" if step is None else f" at step {step}"
+    return CommandExit(130, f"interrupted{where}; resume with: imgx train --resume {error.run_dir}")
 
 
 def _train_config(
@@ -512,6 +512,7 @@ def info(run: str = LATEST_RUN) -> None:
 
     description = dict(imgx_train.describe_run(run_dir))
     cfg = description.pop("config", None)
+    description.pop("run_dir", None)
     _echo(f"run: {run_dir}", *printing.key_values(description))
     if cfg is not None:
         _echo("config (changes from the defaults):")

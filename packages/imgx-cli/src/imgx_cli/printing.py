@@ -29,13 +29,19 @@ def as_plain(value: Any) -> Any:
 def config_changes(config: Any, defaults: Any) -> list[str]:
     """`key = value` lines for the fields of `config` that differ from `defaults`.
 
-    Both are configs (dataclasses) or their `to_dict` form; keys are dotted.
+    Both are configs (dataclasses) or their `to_dict` form; keys are dotted and values
+    are written as `--set` reads them.
     """
     current = flatten(as_plain(config))
     reference = flatten(as_plain(defaults))
     changed = {k: v for k, v in current.items() if reference.get(k, object()) != v}
     width = max((len(k) for k in changed), default=0)
-    return [f"  {key:<{width}} = {cell(value)}" for key, value in changed.items()]
+    return [f"  {key:<{width}} = {_config_value(value)}" for key, value in changed.items()]
+
+
+def _config_value(value: Any) -> str:
+    """As `--set` takes it: `[8,16,32]`, `null`, `0.0001`, `recycle_last`."""
+    return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
 
 
 def cell(value: Any) -> str:
@@ -48,9 +54,11 @@ def cell(value: Any) -> str:
         return f"{value:.4g}"
     if isinstance(value, Mapping):
         return ", ".join(f"{k} {cell(v)}" for k, v in value.items())
+    if isinstance(value, tuple) and all(
+        isinstance(v, int | float) and not isinstance(v, bool) for v in value
+    ):
+        return "x".join(cell(v) for v in value)  # a shape or a spacing
     if isinstance(value, list | tuple):
-        if value and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value):
-            return "x".join(cell(v) for v in value)  # a shape or a spacing
         return ", ".join(cell(v) for v in value)
     return str(value)
 
