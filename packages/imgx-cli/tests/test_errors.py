@@ -18,6 +18,7 @@ from imgx_cli import commands
         (["train", "--test", "maybe"], ["unexpected argument 'maybe'"]),
         (["train", "--test=maybe"], ["--test takes true or false"]),
         (["train", "--steps", "1", "--steps", "2"], ["--steps is given twice"]),
+        (["train", "--set", "a=1", "--set", "b=2"], ['one: --set "a.b=1,c.d=2"']),
         (["test", "-s", "1"], ["-s is ambiguous", "--sampler", "--seed"]),
         (["build"], ["`imgx build` needs <dataset>"]),
         (["train", "--steps", "0"], ["--steps takes a whole number of at least 1"]),

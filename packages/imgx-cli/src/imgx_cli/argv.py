@@ -104,7 +104,8 @@ def normalize_command(command: str, words: Sequence[str], fn: Callable[..., obje
             continue
         name = _keyword(word, command, names)
         if name in given:
-            raise UsageError(f"{dashed(name)} is given twice")
+            hint = ' (all overrides go in one: --set "a.b=1,c.d=2")' if name == "set" else ""
+            raise UsageError(f"{dashed(name)} is given twice{hint}")
         given.add(name)
         if has_equals:
             value = word.partition("=")[2]
