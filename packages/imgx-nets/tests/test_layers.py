@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from imgx_nets import layers, sinusoidal_embedding
@@ -51,3 +52,24 @@ def test_dropout_keeps_expectation():
     np.testing.assert_allclose(np.unique(np.asarray(y)), [0.0, 4.0 / 3.0], rtol=1e-6)
     assert abs(float(y.mean()) - 1.0) < 0.03
     assert layers.dropout(x, 0.25, None) is x
+
+
+def _lax_conv3d(x, kernel, strides, padding):
+    dn = ("NDHWC", "DHWIO", "NDHWC")
+    return jax.lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=dn)
+
+
+@pytest.mark.parametrize("kernel_size", [(3, 3, 3), (2, 3, 2), (3, 3, 1)])
+def test_conv3d_as_2d_equals_3d_convolution(kernel_size):
+    conv = layers.Conv(3, 5, kernel_size, use_bias=True, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    conv.bias[...] = jnp.arange(5.0)
+    x = jax.random.normal(jax.random.key(0), (2, 6, 5, 4, 3))
+    expected = _lax_conv3d(x, conv.kernel[...], (1, 1, 1), "SAME") + jnp.arange(5.0)
+    np.testing.assert_allclose(conv(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_down_sample_equals_strided_convolution():
+    down = layers.DownSample(3, 4, (2, 2, 1), dtype=jnp.float32, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(0), (2, 6, 4, 3, 3))
+    expected = down.norm(_lax_conv3d(x, down.conv.kernel[...], (2, 2, 1), "VALID"))
+    np.testing.assert_allclose(down(x), expected, rtol=1e-5, atol=1e-5)

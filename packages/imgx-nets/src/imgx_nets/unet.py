@@ -189,13 +189,12 @@ class UNet(nnx.Module):
                 for level, c in enumerate(num_channels)
             ]
         )
-        self.head = nnx.Conv(
+        self.head = layers.Conv(
             num_channels[0],
             out_channels,
             (1,) * num_spatial_dims,
             use_bias=True,
             dtype=dtype,
-            param_dtype=jnp.float32,
             rngs=rngs,
         )
 
