@@ -23,7 +23,11 @@ METADATA_KEY = "imgx"
 Example = tuple[str, dict[str, Any]]
 
 
-def example_features(shape: Sequence[int], num_channels: int) -> tfds.features.FeaturesDict:
+def example_features(
+    shape: Sequence[int],
+    num_channels: int,
+    encoding: tfds.features.Encoding = tfds.features.Encoding.ZLIB,
+) -> tfds.features.FeaturesDict:
     """TFDS features of one case: image/label on the stored grid plus both geometries.
 
     Shapes (ndim = len(shape)): ``image`` float32 ``(*shape, channels)``, ``label`` uint8
@@ -33,7 +37,6 @@ def example_features(shape: Sequence[int], num_channels: int) -> tfds.features.F
     resampled grid.
     """
     ndim = len(shape)
-    zlib = tfds.features.Encoding.ZLIB
 
     def vector(size: int, dtype: type = np.float32) -> tfds.features.Tensor:
         return tfds.features.Tensor(shape=(size,), dtype=dtype)
@@ -42,9 +45,9 @@ def example_features(shape: Sequence[int], num_channels: int) -> tfds.features.F
         {
             "uid": tfds.features.Text(),
             "image": tfds.features.Tensor(
-                shape=(*shape, num_channels), dtype=np.float32, encoding=zlib
+                shape=(*shape, num_channels), dtype=np.float32, encoding=encoding
             ),
-            "label": tfds.features.Tensor(shape=tuple(shape), dtype=np.uint8, encoding=zlib),
+            "label": tfds.features.Tensor(shape=tuple(shape), dtype=np.uint8, encoding=encoding),
             "spacing": vector(ndim),
             "origin": vector(ndim),
             "direction": vector(ndim * ndim),
@@ -129,6 +132,9 @@ class ImgxBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     DESCRIPTION: ClassVar[str] = ""
     HOMEPAGE: ClassVar[str] = ""
     CITATION: ClassVar[str] = ""
+    # zlib shrinks padded volumes; noisy generated data barely compresses (raw BYTES
+    # then; NONE would serialise floats one by one as a slow float_list).
+    ENCODING: ClassVar[tfds.features.Encoding] = tfds.features.Encoding.ZLIB
 
     def __init__(
         self,
@@ -172,7 +178,7 @@ class ImgxBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         return tfds.core.DatasetInfo(
             builder=self,
             description=self.DESCRIPTION,
-            features=example_features(self.target_shape, self.spec.num_channels),
+            features=example_features(self.target_shape, self.spec.num_channels, self.ENCODING),
             homepage=self.HOMEPAGE,
             citation=self.CITATION,
             # Keep the generation order (sorted / published order) for reproducible reads.

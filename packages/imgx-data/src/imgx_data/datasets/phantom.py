@@ -120,24 +120,30 @@ def phantom_3d(
     Returns:
         image float32 ``(x, y, z, 1)``, label uint8 ``(x, y, z)`` in {0, ..., 4}.
     """
-    coords = np.meshgrid(
-        *[np.arange(n) * s for n, s in zip(shape, spacing, strict=True)], indexing="ij"
-    )
-    extent = np.array([n * s for n, s in zip(shape, spacing, strict=True)])
+    spacing = np.asarray(spacing, dtype=np.float64)
+    axes_mm = [np.arange(n) * s for n, s in zip(shape, spacing, strict=True)]
+    extent = np.asarray(shape) * spacing
     label = np.zeros(shape, dtype=np.uint8)
-    body = ((coords[0] - extent[0] / 2) / (0.46 * extent[0])) ** 2 + (
-        (coords[1] - extent[1] / 2) / (0.42 * extent[1])
+    x, y = np.meshgrid(axes_mm[0], axes_mm[1], indexing="ij", sparse=True)
+    body = ((x - extent[0] / 2) / (0.46 * extent[0])) ** 2 + (
+        (y - extent[1] / 2) / (0.42 * extent[1])
     ) ** 2 < 1
-    image = 0.3 * body.astype(np.float64)
+    image = np.repeat(0.3 * body[..., None], shape[2], axis=2).astype(np.float64)
     scale = extent / np.array([96.0, 96.0, 160.0])
     for index, (_, centre, axes, mean) in enumerate(ORGANS_3D, start=1):
         c = (np.asarray(centre) + rng.normal(0, 4.0, size=3)) * scale
         a = np.asarray(axes) * rng.uniform(0.85, 1.15, size=3) * scale
         angle = rng.uniform(-0.3, 0.3)
-        d = [coords[i] - c[i] for i in range(3)]
         wave = rng.uniform(20, 60, size=3)
         phase = rng.uniform(0, 2 * np.pi, size=3)
         amplitude = rng.uniform(0, 3.0, size=3)
+        # Only the organ's bounding box (semi-axes + displacement) is evaluated.
+        reach = a.max() + amplitude.max() + spacing
+        lo = np.clip(np.floor((c - reach) / spacing), 0, shape).astype(int)
+        hi = np.clip(np.ceil((c + reach) / spacing) + 1, 0, shape).astype(int)
+        d = np.meshgrid(
+            *[axes_mm[i][lo[i] : hi[i]] - c[i] for i in range(3)], indexing="ij", sparse=True
+        )
         shifted = [
             d[i] + amplitude[i] * np.sin(2 * np.pi * d[(i + 1) % 3] / wave[i] + phase[i])
             for i in range(3)
@@ -145,13 +151,15 @@ def phantom_3d(
         u = np.cos(angle) * shifted[0] + np.sin(angle) * shifted[1]
         v = -np.sin(angle) * shifted[0] + np.cos(angle) * shifted[1]
         organ = (u / a[0]) ** 2 + (v / a[1]) ** 2 + (shifted[2] / a[2]) ** 2 < 1
-        label[organ] = index
-        image[organ] = mean + rng.uniform(-0.03, 0.03)
+        box = tuple(slice(lo[i], hi[i]) for i in range(3))
+        label[box][organ] = index
+        image[box][organ] = mean + rng.uniform(-0.03, 0.03)
+    coords = np.meshgrid(*axes_mm, indexing="ij", sparse=True)
     normalised = [2 * coords[i] / extent[i] - 1 for i in range(3)]
     bias = np.ones(shape)
     for i in range(3):
         for j in range(i, 3):
-            bias += rng.uniform(-0.1, 0.1) * normalised[i] * normalised[j]
+            bias = bias + rng.uniform(-0.1, 0.1) * normalised[i] * normalised[j]
     image = ndimage.gaussian_filter(image * bias, sigma=(0.7, 0.7, 0.3))
     image = image + rng.normal(0, rng.uniform(0.04, 0.07), size=shape)
     return np.clip(image, 0, 1).astype(np.float32)[..., None], label
@@ -162,6 +170,7 @@ class _PhantomBuilder(ImgxBuilder, skip_registration=True):
 
     SEED: ClassVar[int]
     SPLIT_SIZES: ClassVar[tuple[int, int, int]]
+    ENCODING = tfds.features.Encoding.BYTES
 
     def __init__(self, *, split_sizes: Sequence[int] | None = None, **kwargs: Any) -> None:
         self.split_sizes = tuple(int(n) for n in (split_sizes or self.SPLIT_SIZES))
