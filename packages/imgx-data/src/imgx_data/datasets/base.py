@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import json
 from collections.abc import Iterator, Sequence
@@ -199,12 +200,13 @@ class ImgxBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             uid, processed = self._load(case)
             yield uid, processed.to_example(uid)
 
+    @abc.abstractmethod
     def _load(self, case: Any) -> tuple[str, PreprocessedCase]:
         """Reads and preprocesses one case (the builder's own raw-file description)."""
-        raise NotImplementedError
 
     def raw_dir(self, dl_manager: tfds.download.DownloadManager) -> Path:
         """The user's ``--manual-dir``, checked to exist and to be non-empty."""
+        # The public `manual_dir` property asserts; read the raw value to raise DatasetError.
         directory = dl_manager._manual_dir
         if directory is None:
             raise DatasetError(

@@ -8,6 +8,7 @@ Arrays are in ``(x, y[, z])`` order; ``y`` is depth (rows) in 2D.
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -15,7 +16,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from scipy import ndimage
 
-from imgx_data.datasets.base import SPLITS, Example, ImgxBuilder
+from imgx_data.datasets.base import SPLITS, ImgxBuilder
+from imgx_data.errors import DatasetError
 from imgx_data.io import Geometry
 from imgx_data.preprocess import PreprocessedCase
 
@@ -175,30 +177,33 @@ class _PhantomBuilder(ImgxBuilder, skip_registration=True):
     def __init__(self, *, split_sizes: Sequence[int] | None = None, **kwargs: Any) -> None:
         self.split_sizes = tuple(int(n) for n in (split_sizes or self.SPLIT_SIZES))
         if len(self.split_sizes) != len(SPLITS) or min(self.split_sizes) < 1:
-            raise ValueError(
+            raise DatasetError(
                 f"split_sizes must be 3 positive counts (train, valid, test), got {split_sizes}."
             )
         super().__init__(**kwargs)
 
+    @abc.abstractmethod
     def generate(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """One (image, label) pair on the target grid."""
-        raise NotImplementedError
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Any]:
         del dl_manager
-        return {
-            split: self._generate_examples(index, size)
-            for index, (split, size) in enumerate(zip(SPLITS, self.split_sizes, strict=True))
-        }
+        return self._split_examples(
+            {
+                split: [(index, i) for i in range(size)]
+                for index, (split, size) in enumerate(zip(SPLITS, self.split_sizes, strict=True))
+            }
+        )
 
-    def _generate_examples(self, split_index: int, size: int) -> Any:
+    def _load(self, case: tuple[int, int]) -> tuple[str, PreprocessedCase]:
+        split_index, i = case
+        image, label = self.generate(np.random.default_rng([self.SEED, split_index, i]))
         geometry = Geometry.identity(self.target_shape, self.target_spacing)
-        for i in range(size):
-            image, label = self.generate(np.random.default_rng([self.SEED, split_index, i]))
-            uid = f"{SPLITS[split_index]}_{i:04d}"
-            case = PreprocessedCase(image, label, geometry, geometry, (0,) * geometry.ndim)
-            example: Example = (uid, case.to_example(uid))
-            yield example
+        # Generated on the stored grid: no resampling, no crop.
+        no_crop = (0,) * geometry.ndim
+        return f"{SPLITS[split_index]}_{i:04d}", PreprocessedCase(
+            image, label, geometry, geometry, no_crop
+        )
 
 
 class Phantom(_PhantomBuilder, skip_registration=True):
