@@ -99,14 +99,14 @@ def sample(
     num_steps = diffusion.num_timesteps
     shape = image.shape[:-1] + (num_classes,)
     key_start, key_loop = jax.random.split(key)
-    x_start = jax.random.normal(key_start, shape, image.dtype)
-    zeros = jnp.zeros(shape, image.dtype)
 
     def step(carry, xs):
-        x, condition, x0_previous = carry
+        # carry: x, plus the previous in(x̂_0) for self-conditioning and the previous x̂_0
+        # for DPM-Solver++(2M), each only when used (a carry cannot be dead-code eliminated).
+        x = carry["x"]
         k, step_key = xs
         t = jnp.full((shape[0],), k, jnp.int32)
-        mask_input = model_input(x, condition if self_conditioning else None)
+        mask_input = model_input(x, carry.get("condition"))
         output = model_fn(image, mask_input, diffusion.model_time(t), None)
         pred = read_model_output(diffusion, output, x, t, overlapping=overlapping)
         if sampler == "ddpm":
@@ -114,12 +114,22 @@ def sample(
         elif sampler == "ddim":
             x_prev = diffusion.ddim_step(step_key, pred.x0, x, t, eta)
         else:
-            x_prev = diffusion.dpm_solver_2m_step(pred.x0, x, t, x0_previous)
-        return (x_prev, mask_from_x(pred.x0), pred.x0), pred.logits
+            x_prev = diffusion.dpm_solver_2m_step(pred.x0, x, t, carry["x0_previous"])
+        new_carry = {"x": x_prev}
+        if self_conditioning:
+            new_carry["condition"] = mask_from_x(pred.x0)
+        if sampler == "dpm_solver_2m":
+            new_carry["x0_previous"] = pred.x0
+        return new_carry, pred.logits
 
+    carry = {"x": jax.random.normal(key_start, shape, image.dtype)}
+    if self_conditioning:
+        carry["condition"] = jnp.zeros(shape, image.dtype)
+    if sampler == "dpm_solver_2m":
+        carry["x0_previous"] = jnp.zeros(shape, image.dtype)
     steps = jnp.arange(num_steps - 1, -1, -1, dtype=jnp.int32)
     step_keys = jax.random.split(key_loop, num_steps)
-    _, logits = jax.lax.scan(step, (x_start, zeros, zeros), (steps, step_keys))
+    _, logits = jax.lax.scan(step, carry, (steps, step_keys))
     return jnp.moveaxis(logits, 0, -1)
 
 
