@@ -44,6 +44,8 @@ def test_info_of_unbuilt_datasets(tmp_path):
     assert not infos["brats2021_mr_wt"].overlapping and infos["brats2021_mr_wt"].num_classes == 2
     assert infos["phantom"].split_sizes == {} and not infos["phantom"].is_built
     assert "BraTS2021_Training_Data" in brats.manual_dir
+    assert infos["amos_ct"].intensity == (-991.0, 362.0) and brats.intensity == "percentile"
+    assert infos["muscle_us"].intensity == "png" and infos["phantom"].intensity == "identity"
     with pytest.raises(dataclasses.FrozenInstanceError):
         brats.name = "x"  # type: ignore[misc]
 
@@ -54,6 +56,7 @@ def test_ensure_built_builds_phantoms_only(tmp_path):
     imgx_data.build("phantom", data_dir=tmp_path, split_sizes=(2, 1, 1))
     info = imgx_data.ensure_built("phantom", tmp_path)  # already built: kept as it is
     assert info.split_sizes == {"train": 2, "valid": 1, "test": 1}
+    assert info.intensity == "identity"  # read back from metadata.json
     rebuilt = imgx_data.build("phantom", data_dir=tmp_path, split_sizes=(3, 1, 1), overwrite=True)
     assert rebuilt.split_sizes["train"] == 3
 

@@ -4,7 +4,7 @@ Public API (re-exported here)::
 
     data_dir, list_datasets, dataset_info, build, ensure_built, data_source, postprocess,
     DatasetInfo, DataSource, DatasetError, io (read_image, write_image, Geometry, ...),
-    restore_to_original, resample_to_geometry
+    restore_to_original, resample_to_geometry, find_scans, prepare_scan, restore_scan_label
 """
 
 from imgx_data import io
@@ -22,6 +22,7 @@ from imgx_data.registry import (
     list_datasets,
     postprocess,
 )
+from imgx_data.scans import PreparedScan, find_scans, prepare_scan, restore_scan_label
 
 __version__ = "0.1.0"
 
@@ -30,18 +31,22 @@ __all__ = [
     "DatasetError",
     "DatasetInfo",
     "Geometry",
+    "PreparedScan",
     "build",
     "data_dir",
     "data_source",
     "dataset_info",
     "ensure_built",
     "example_geometry",
+    "find_scans",
     "io",
     "list_datasets",
     "postprocess",
+    "prepare_scan",
     "read_channels",
     "read_image",
     "resample_to_geometry",
+    "restore_scan_label",
     "restore_to_original",
     "write_image",
 ]

@@ -22,6 +22,14 @@ from imgx_data.io import Geometry, array_to_sitk, sitk_to_array
 
 PERCENTILES = (0.5, 99.5)
 
+# Intensity policies: clip to the [0.5, 99.5] percentiles, or to a fixed (low, high) range
+# (e.g. CT HU), then z-score and rescale to [0, 1]; PNG: divide by 255; identity: keep
+# (data already in [0, 1], e.g. generated).
+PERCENTILE = "percentile"
+PNG = "png"
+IDENTITY = "identity"
+Intensity = str | tuple[float, float]
+
 
 def resampled_grid(geometry: Geometry, target_spacing: Sequence[float]) -> Geometry:
     """The grid of ``geometry`` resampled to ``target_spacing``.
@@ -115,6 +123,19 @@ def normalise_intensity(
         span = z.max() - z.min()
         out[..., c] = (z - z.min()) / span if span > 0 else 0.0
     return out
+
+
+def scale_intensity(image: np.ndarray, intensity: Intensity) -> np.ndarray:
+    """Applies an intensity policy to ``(*spatial, channels)``; float32 out."""
+    if intensity == PERCENTILE:
+        return normalise_intensity(image)
+    if intensity == PNG:
+        return (np.asarray(image, np.float32) / 255).astype(np.float32)
+    if intensity == IDENTITY:
+        return np.asarray(image, np.float32)
+    if isinstance(intensity, tuple | list) and len(intensity) == 2:
+        return normalise_intensity(image, (float(intensity[0]), float(intensity[1])))
+    raise ValueError(f"Unknown intensity policy {intensity!r}.")
 
 
 def crop_start(
@@ -258,9 +279,8 @@ def preprocess_volume(
     *,
     target_spacing: Sequence[float] | None,
     target_shape: Sequence[int],
-    intensity_range: tuple[float, float] | None = None,
+    intensity: Intensity = PERCENTILE,
     window_start: Sequence[int] | None = None,
-    normalise: bool = True,
 ) -> PreprocessedCase:
     """Resamples, normalises and pads/crops one case (image may be a vector image).
 
@@ -271,20 +291,13 @@ def preprocess_volume(
         label: integer label image on the same grid.
         target_spacing: mm per axis, or None to keep the grid (no resampling).
         target_shape: stored spatial shape ``(x, y[, z])``.
-        intensity_range: fixed clipping range (e.g. CT HU), else the percentiles.
+        intensity: the intensity policy (:func:`scale_intensity`).
         window_start: a fixed crop start (e.g. BraTS' brain box) instead of the window
             centred on the foreground (:func:`crop_start`).
-        normalise: apply :func:`normalise_intensity` (False for PNGs already scaled / 255).
     """
-    original = Geometry.of(image)
+    image_array, grid, original = prepare_image(image, target_spacing=target_spacing)
     if target_spacing is not None:
-        grid = resampled_grid(original, target_spacing)
-        image = resample_image(sitk.Cast(image, _float_pixel_type(image)), grid, is_label=False)
         label = resample_image(label, grid, is_label=True)
-    grid = Geometry.of(image)
-    image_array = sitk_to_array(image)
-    if image_array.ndim == grid.ndim:
-        image_array = image_array[..., None]
     label_array = sitk_to_array(label)
     if window_start is None:
         start = crop_start(grid.shape, target_shape, label_array)
@@ -292,7 +305,7 @@ def preprocess_volume(
         start = tuple(int(s) for s in window_start)
     return PreprocessedCase(
         image=extract_window(
-            normalise_intensity(image_array, intensity_range) if normalise else image_array,
+            scale_intensity(image_array, intensity),
             start,
             target_shape,
         ),
@@ -301,6 +314,29 @@ def preprocess_volume(
         original=original,
         crop_start=start,
     )
+
+
+def prepare_image(
+    image: sitk.Image, *, target_spacing: Sequence[float] | None
+) -> tuple[np.ndarray, Geometry, Geometry]:
+    """Resamples an image (linear) to ``target_spacing`` without cropping.
+
+    Args:
+        image: scalar or vector (channels) SimpleITK image.
+        target_spacing: mm per axis, or None to keep the grid.
+
+    Returns:
+        The array ``(*spatial, channels)`` on the resampled grid (intensities untouched),
+        that grid, and the original grid.
+    """
+    original = Geometry.of(image)
+    if target_spacing is not None:
+        grid = resampled_grid(original, target_spacing)
+        image = resample_image(sitk.Cast(image, _float_pixel_type(image)), grid, is_label=False)
+    array = sitk_to_array(image)
+    if array.ndim == original.ndim:
+        array = array[..., None]
+    return array, Geometry.of(image), original
 
 
 def _float_pixel_type(image: sitk.Image) -> int:

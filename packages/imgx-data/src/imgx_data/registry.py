@@ -25,6 +25,7 @@ from imgx_data.datasets import BUILDERS, GENERATED, NiftiFolder, nifti_folder_bu
 from imgx_data.datasets.base import DATASET_VERSION, METADATA_KEY, SPLITS, DatasetSpec
 from imgx_data.errors import DatasetError
 from imgx_data.postprocess import POSTPROCESSORS
+from imgx_data.preprocess import Intensity
 
 NIFTI_FOLDER = "nifti_folder"
 
@@ -47,6 +48,9 @@ class DatasetInfo:
         postprocess: post-processing applied before metrics (:func:`postprocess`) or None.
         manual_dir: what ``--manual-dir`` points at (None for generated data).
         path: the dataset's folder ``<data_dir>/<name>/<version>``.
+        intensity: intensity policy of the images (``"percentile"``, ``"png"``,
+            ``"identity"`` or a ``(low, high)`` clipping range), see
+            :func:`imgx_data.preprocess.scale_intensity`; new scans are prepared alike.
     """
 
     name: str
@@ -61,6 +65,7 @@ class DatasetInfo:
     postprocess: str | None
     manual_dir: str | None
     path: Path
+    intensity: Intensity
 
     @property
     def num_classes(self) -> int:
@@ -119,6 +124,7 @@ def _make_info(name: str, spec: DatasetSpec, sizes: dict[str, int], path: Path) 
         postprocess=spec.postprocess,
         manual_dir=spec.manual_dir,
         path=path,
+        intensity=spec.intensity,
     )
 
 

@@ -89,6 +89,7 @@ class AmosCt(ImgxBuilder, skip_registration=True):
     )
     TARGET_SHAPE = (192, 128, 128)
     TARGET_SPACING = (1.5, 1.5, 5.0)
+    INTENSITY = HU_RANGE
     MANUAL_DIR: ClassVar[str] = "the zenodo 7262581 download: amos22/ with dataset.json"
     DESCRIPTION = __doc__ or ""
     HOMEPAGE = "https://zenodo.org/record/7262581"
@@ -110,4 +111,4 @@ class AmosCt(ImgxBuilder, skip_registration=True):
     def _load(self, case: Case) -> tuple[str, PreprocessedCase]:
         uid, image_path, label_path = case
         image, label, _ = read_case(uid, [image_path], label_path, range(len(self.CLASS_NAMES)))
-        return uid, preprocess_case(self, image, label, intensity_range=HU_RANGE)
+        return uid, preprocess_case(self, image, label)

@@ -15,7 +15,7 @@ import tensorflow_datasets as tfds
 
 from imgx_data.errors import DatasetError
 from imgx_data.io import Geometry, check_same_geometry, read_sitk_image
-from imgx_data.preprocess import PreprocessedCase, preprocess_volume
+from imgx_data.preprocess import PERCENTILE, Intensity, PreprocessedCase, preprocess_volume
 
 SPLITS = ("train", "valid", "test")
 DATASET_VERSION = "1.0.0"
@@ -75,6 +75,8 @@ class DatasetSpec:
         spacing: stored voxel size per axis, mm.
         postprocess: name of the post-processing applied before metrics, or None.
         manual_dir: what ``--manual-dir`` points at, or None for generated data.
+        intensity: intensity policy of the images
+            (:func:`imgx_data.preprocess.scale_intensity`), to prepare new scans alike.
     """
 
     num_spatial_dims: int
@@ -85,6 +87,7 @@ class DatasetSpec:
     spacing: tuple[float, ...]
     postprocess: str | None
     manual_dir: str | None
+    intensity: Intensity = PERCENTILE
 
     def to_json(self) -> dict[str, Any]:
         """JSON-friendly dict (tuples become lists)."""
@@ -110,6 +113,7 @@ def _make_spec(source: Any, shape: Sequence[int], spacing: Sequence[float]) -> D
         spacing=tuple(spacing),
         postprocess=source.POSTPROCESS,
         manual_dir=source.MANUAL_DIR,
+        intensity=source.INTENSITY,
     )
 
 
@@ -130,6 +134,7 @@ class ImgxBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     OVERLAPPING: ClassVar[bool] = False
     POSTPROCESS: ClassVar[str | None] = None
     MANUAL_DIR: ClassVar[str | None] = None
+    INTENSITY: ClassVar[Intensity] = PERCENTILE
     DESCRIPTION: ClassVar[str] = ""
     HOMEPAGE: ClassVar[str] = ""
     CITATION: ClassVar[str] = ""
@@ -304,10 +309,8 @@ def preprocess_case(
     image: sitk.Image,
     label: sitk.Image,
     *,
-    intensity_range: tuple[float, float] | None = None,
     resample: bool = True,
     window_start: Sequence[int] | None = None,
-    normalise: bool = True,
 ) -> PreprocessedCase:
     """:func:`imgx_data.preprocess.preprocess_volume` with the builder's target grid."""
     return preprocess_volume(
@@ -315,9 +318,8 @@ def preprocess_case(
         label,
         target_spacing=builder.target_spacing if resample else None,
         target_shape=builder.target_shape,
-        intensity_range=intensity_range,
+        intensity=builder.INTENSITY,
         window_start=window_start,
-        normalise=normalise,
     )
 
 

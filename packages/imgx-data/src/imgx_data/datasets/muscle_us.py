@@ -23,7 +23,7 @@ from imgx_data.datasets.base import (
 )
 from imgx_data.errors import DatasetError
 from imgx_data.io import Geometry, check_same_geometry, read_sitk_image
-from imgx_data.preprocess import PreprocessedCase
+from imgx_data.preprocess import PNG, PreprocessedCase
 
 # split -> (image folder, annotation folder) below MuscleCNN/.
 MUSCLE_FOLDERS = {
@@ -66,6 +66,7 @@ class MuscleUs(ImgxBuilder, skip_registration=True):
     TARGET_SHAPE = (512, 480)
     TARGET_SPACING = (1.0, 1.0)
     POSTPROCESS = "muscle_mask"
+    INTENSITY = PNG
     MANUAL_DIR: ClassVar[str] = (
         "the extracted Mendeley 3jykz7wz8d download (a folder tree with "
         ".../MuscleCNN/{train,trainannot,val,valannot,test,testannot}/*.png below it)"
@@ -92,11 +93,8 @@ class MuscleUs(ImgxBuilder, skip_registration=True):
             reference_name=f"label {mask_path}",
             other_name=f"image {image_path}",
         )
-        image_array = sitk.GetArrayViewFromImage(image)
-        check_finite(image_array, image_path)
-        scaled = sitk.GetImageFromArray(np.asarray(image_array, np.float32) / 255)
-        scaled.CopyInformation(image)
+        check_finite(sitk.GetArrayViewFromImage(image), image_path)
         binary = sitk.GetImageFromArray((sitk.GetArrayViewFromImage(mask) > 0).astype(np.uint8))
         binary.CopyInformation(mask)
-        case = preprocess_case(self, scaled, binary, resample=False, normalise=False)
+        case = preprocess_case(self, sitk.Cast(image, sitk.sitkFloat32), binary, resample=False)
         return image_path.stem, case

@@ -19,7 +19,7 @@ from scipy import ndimage
 from imgx_data.datasets.base import SPLITS, ImgxBuilder
 from imgx_data.errors import DatasetError
 from imgx_data.io import Geometry
-from imgx_data.preprocess import PreprocessedCase
+from imgx_data.preprocess import IDENTITY, PreprocessedCase
 
 PHANTOM_2D_SEED = 20231
 PHANTOM_3D_SEED = 20232
@@ -173,6 +173,7 @@ class _PhantomBuilder(ImgxBuilder, skip_registration=True):
     SEED: ClassVar[int]
     SPLIT_SIZES: ClassVar[tuple[int, int, int]]
     ENCODING = tfds.features.Encoding.BYTES
+    INTENSITY = IDENTITY
 
     def __init__(self, *, split_sizes: Sequence[int] | None = None, **kwargs: Any) -> None:
         self.split_sizes = tuple(int(n) for n in (split_sizes or self.SPLIT_SIZES))
