@@ -12,6 +12,7 @@ from imgx_cli import commands
     ("words", "fragments"),
     [
         (["trian"], ["unknown command 'trian'", "did you mean train?"]),
+        (["--steps", "3"], ["the command comes first", "train, valid"]),
         (["train", "--stpes", "10"], ["unknown option --stpes", "did you mean --steps?"]),
         (["train", "--steps"], ["--steps needs a value"]),
         (["train", "amos_ct"], ["unexpected argument 'amos_ct'"]),

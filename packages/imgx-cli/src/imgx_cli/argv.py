@@ -147,6 +147,10 @@ def normalize(words: Sequence[str], commands: Mapping[str, Callable[..., object]
     if words[0] == "--version":
         return ["version"]
     command, rest = words[0], words[1:]
+    if is_flag(command):
+        raise UsageError(
+            f"the command comes first, e.g. imgx train {command}; commands: {', '.join(commands)}"
+        )
     if command not in commands:
         raise UsageError(
             f"unknown command {command!r}{_suggestion(command, list(commands))}; "
