@@ -29,6 +29,10 @@ def test_unknown_dataset_lists_valid_names(tmp_path):
 
 
 def test_info_of_unbuilt_datasets(tmp_path):
+    other = tmp_path / "other_tfds_dataset" / "1.0.0"  # not an imgx dataset: ignored
+    other.mkdir(parents=True)
+    (other / "dataset_info.json").write_text("{}")
+    (other / "metadata.json").write_text("{}")
     infos = {info.name: info for info in imgx_data.list_datasets(tmp_path)}
     assert set(infos) == {
         "phantom",

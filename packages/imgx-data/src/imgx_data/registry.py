@@ -90,7 +90,13 @@ def _dataset_path(name: str, root: Path) -> Path:
 
 
 def _is_built(path: Path) -> bool:
-    return (path / "dataset_info.json").is_file() and (path / "metadata.json").is_file()
+    """An imgx dataset (TFDS info plus imgx metadata) is complete in ``path``."""
+    if not (path / "dataset_info.json").is_file() or not (path / "metadata.json").is_file():
+        return False
+    try:
+        return METADATA_KEY in json.loads((path / "metadata.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
 
 
 def _user_dataset_names(root: Path) -> list[str]:
