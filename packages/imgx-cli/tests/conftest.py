@@ -11,6 +11,7 @@ if _FLAG not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import dataclasses  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -46,18 +47,13 @@ SUMMARY = {  # the form of imgx_train.reports.summarize, background first
 
 
 def dataset_info(name: str, split_sizes: dict[str, int]) -> DatasetInfo:
-    return DatasetInfo(
+    """The phantom's real (unbuilt) description, renamed and sized."""
+    phantom = imgx_data.dataset_info("phantom", data_dir=Path("no-data-dir"))
+    return dataclasses.replace(
+        phantom,
         name=name,
-        num_spatial_dims=2,
-        image_shape=(96, 96),
-        num_channels=1,
-        class_names=("background", "muscle", "fascia"),
-        overlapping=False,
-        spacing=(1.0, 1.5),
         split_sizes=split_sizes,
         is_built=bool(split_sizes),
-        postprocess=None,
-        manual_dir=None,
         path=Path("store") / name,
     )
 

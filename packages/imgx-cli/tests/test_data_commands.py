@@ -38,8 +38,8 @@ def test_datasets_prints_a_table(api, imgx):
     assert header.split() == [
         "name", "dims", "shape", "spacing_mm", "channels", "classes", "built", "train/valid/test"
     ]  # fmt: skip
-    assert built.split() == ["phantom", "2D", "96x96", "1x1.5", "1", "3", "yes", "240/24/48"]
-    assert not_built.split() == ["amos_ct", "2D", "96x96", "1x1.5", "1", "3", "no", "-"]
+    assert built.split() == ["phantom", "2D", "96x96", "1x1", "1", "3", "yes", "240/24/48"]
+    assert not_built.split() == ["amos_ct", "2D", "96x96", "1x1", "1", "3", "no", "-"]
     assert "background" in note
 
 
