@@ -25,7 +25,7 @@ from imgx_data.datasets import BUILDERS, GENERATED, NiftiFolder, nifti_folder_bu
 from imgx_data.datasets.base import DATASET_VERSION, METADATA_KEY, SPLITS, DatasetSpec
 from imgx_data.errors import DatasetError
 from imgx_data.postprocess import POSTPROCESSORS
-from imgx_data.preprocess import Intensity
+from imgx_data.preprocess import PERCENTILE, Intensity
 
 NIFTI_FOLDER = "nifti_folder"
 
@@ -65,7 +65,7 @@ class DatasetInfo:
     postprocess: str | None
     manual_dir: str | None
     path: Path
-    intensity: Intensity
+    intensity: Intensity = PERCENTILE
 
     @property
     def num_classes(self) -> int:
