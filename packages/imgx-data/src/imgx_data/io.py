@@ -179,6 +179,25 @@ def read_sitk_image(path: str | Path) -> sitk.Image:
     return image
 
 
+def image_channels(image: sitk.Image) -> list[sitk.Image]:
+    """The channels of a (vector) image as scalar float32 images."""
+    count = image.GetNumberOfComponentsPerPixel()
+    if count == 1:
+        return [sitk.Cast(image, sitk.sitkFloat32)]
+    return [
+        sitk.Cast(sitk.VectorIndexSelectionCast(image, c), sitk.sitkFloat32) for c in range(count)
+    ]
+
+
+def compose_channels(channels: Sequence[sitk.Image]) -> sitk.Image:
+    """One scalar image or a vector image of several on the first one's grid."""
+    if len(channels) == 1:
+        return channels[0]
+    for channel in channels[1:]:
+        channel.CopyInformation(channels[0])
+    return sitk.Compose(list(channels))
+
+
 def read_image(path: str | Path) -> tuple[np.ndarray, Geometry]:
     """Reads an image file into an ``(x, y[, z][, channels])`` array and its Geometry.
 

@@ -17,7 +17,13 @@ import numpy as np
 import SimpleITK as sitk
 
 from imgx_data.errors import DatasetError
-from imgx_data.io import Geometry, check_same_geometry, read_sitk_image
+from imgx_data.io import (
+    Geometry,
+    check_same_geometry,
+    compose_channels,
+    image_channels,
+    read_sitk_image,
+)
 from imgx_data.preprocess import prepare_image, resample_to_geometry, scale_intensity
 
 IMAGE_ENDINGS = (".nii.gz", ".nii", ".png", ".mha", ".nrrd")
@@ -120,22 +126,14 @@ def prepare_scan(
         array = sitk.GetArrayViewFromImage(image)
         if not np.all(np.isfinite(array)):
             raise DatasetError(f"{path}: NaN or infinite intensities.")
-        count = image.GetNumberOfComponentsPerPixel()
-        images += (
-            [sitk.VectorIndexSelectionCast(image, c) for c in range(count)]
-            if count > 1
-            else [image]
-        )
+        images += image_channels(image)
     if reference is None:
         raise DatasetError("prepare_scan needs at least one file.")
     if reference.ndim != len(spacing):
         raise DatasetError(f"Case {case}: a {reference.ndim}D scan for a {len(spacing)}D dataset.")
     if len(images) != num_channels:
         raise DatasetError(f"Case {case}: {len(images)} channels, the dataset has {num_channels}.")
-    images = [sitk.Cast(image, sitk.sitkFloat32) for image in images]
-    for image in images[1:]:
-        image.CopyInformation(images[0])
-    composed = images[0] if len(images) == 1 else sitk.Compose(images)
+    composed = compose_channels(images)
     same = np.allclose(reference.spacing, spacing, rtol=1e-5, atol=1e-3)
     array, grid, original = prepare_image(composed, target_spacing=None if same else spacing)
     return PreparedScan(scale_intensity(array, intensity), grid, original)

@@ -14,7 +14,13 @@ import SimpleITK as sitk
 import tensorflow_datasets as tfds
 
 from imgx_data.errors import DatasetError
-from imgx_data.io import Geometry, check_same_geometry, read_sitk_image
+from imgx_data.io import (
+    Geometry,
+    check_same_geometry,
+    compose_channels,
+    image_channels,
+    read_sitk_image,
+)
 from imgx_data.preprocess import PERCENTILE, Intensity, PreprocessedCase, preprocess_volume
 
 SPLITS = ("train", "valid", "test")
@@ -292,15 +298,8 @@ def read_case(
             other_name=f"image {path.name}",
         )
         check_finite(sitk.GetArrayViewFromImage(image), path)
-        components = image.GetNumberOfComponentsPerPixel()
-        if components == 1:
-            channels.append(sitk.Cast(image, sitk.sitkFloat32))
-        else:
-            channels += [
-                sitk.Cast(sitk.VectorIndexSelectionCast(image, c), sitk.sitkFloat32)
-                for c in range(components)
-            ]
-    image = channels[0] if len(channels) == 1 else sitk.Compose(channels)
+        channels += image_channels(image)
+    image = compose_channels(channels)
     return image, sitk.Cast(label_image, sitk.sitkUInt8), label_array
 
 

@@ -41,7 +41,13 @@ from imgx_data.datasets.base import (
     require_dir,
 )
 from imgx_data.errors import DatasetError
-from imgx_data.io import Geometry, check_same_geometry, read_sitk_image
+from imgx_data.io import (
+    Geometry,
+    check_same_geometry,
+    compose_channels,
+    image_channels,
+    read_sitk_image,
+)
 from imgx_data.preprocess import PreprocessedCase, resampled_grid
 
 SPLIT_SEED = 0
@@ -348,20 +354,14 @@ class NiftiFolder(ImgxBuilder, skip_registration=True):
         for path in case.image_paths:
             image = _read_2d_or_3d(path, ndim)
             check_finite(sitk.GetArrayViewFromImage(image), path)
-            count = image.GetNumberOfComponentsPerPixel()
-            channels += (
-                [sitk.VectorIndexSelectionCast(image, c) for c in range(count)]
-                if count > 1
-                else [image]
-            )
+            channels += image_channels(image)
         if len(channels) != self.NUM_CHANNELS:
             raise DatasetError(
                 f"Case {case.uid}: {len(channels)} image channels, dataset.json lists "
                 f"{self.NUM_CHANNELS}."
             )
-        channels = [sitk.Cast(c, sitk.sitkFloat32) for c in channels]
-        image = channels[0] if len(channels) == 1 else sitk.Compose(channels)
-        image.CopyInformation(label)
+        channels[0].CopyInformation(label)
+        image = compose_channels(channels)
         return case.uid, preprocess_case(self, image, sitk.Cast(label, sitk.sitkUInt8))
 
 
