@@ -215,3 +215,13 @@ def test_usable_inside_jit_as_argument_or_constant():
     for got in (as_argument(DIFF, x0, noise, t), as_constant(x0, noise, t)):
         np.testing.assert_allclose(got[0], DIFF.q_sample(x0, noise, t), atol=1e-5)
         np.testing.assert_allclose(got[1], DIFF.model_time(t))
+
+
+def test_bfloat16_inputs_are_computed_in_float32():
+    # In bfloat16 ᾱ_0 = 0.9999 rounds to 1 and √(1 − ᾱ_0) to 0: the arithmetic must promote.
+    x0 = _x0().astype(jnp.bfloat16)
+    eps = jax.random.normal(jax.random.key(14), SHAPE, jnp.bfloat16)
+    t = jnp.zeros((SHAPE[0],), jnp.int32)
+    xt = DIFF.q_sample(x0, eps, t)
+    assert xt.dtype == jnp.float32
+    np.testing.assert_allclose(DIFF.predict_x0_from_epsilon(xt, eps, t), x0, atol=1e-4)

@@ -205,3 +205,15 @@ def test_strategy_under_jit_on_a_two_device_mesh(strategy):
     got = step(strategy, params, state, image, label, key)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got, expected)
     assert int(got[1].count.sum()) == IMAGE.shape[0]
+
+
+def test_bfloat16_network_hands_over_to_float32():
+    params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), _params("recycle_last"))
+
+    def model_fn(image, mask_input, t, key):
+        cast = lambda x: x.astype(jnp.bfloat16)
+        return toy.apply(params, cast(image), cast(mask_input), cast(t))
+
+    out = _run("recycle_last", model_fn)
+    assert out.logits.dtype == out.xt.dtype == out.mse.dtype == jnp.float32
+    assert bool(jnp.all(jnp.isfinite(out.logits))) and bool(jnp.all(jnp.isfinite(out.mse)))

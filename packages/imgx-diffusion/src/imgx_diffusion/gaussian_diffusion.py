@@ -26,9 +26,15 @@ def _xp(array: Any) -> Any:
     return np if isinstance(array, np.ndarray) else jnp
 
 
+def compute_dtype(dtype: Any) -> Any:
+    """At least float32: diffusion arithmetic is never done in bfloat16/float16, where
+    1 − ᾱ_t near t = 0 (about 1e-4) would round to zero."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 def _extract(coefficients: Any, t: chex.Array, x: chex.Array) -> jax.Array:
-    """Gather per-step coefficients at t (batch,) and reshape to broadcast with x."""
-    values = jnp.asarray(coefficients, dtype=x.dtype)[t]
+    """Gather per-step coefficients at t (batch,), at least float32, shaped to broadcast with x."""
+    values = jnp.asarray(coefficients, dtype=compute_dtype(x.dtype))[t]
     return values.reshape(t.shape + (1,) * (x.ndim - t.ndim))
 
 

@@ -13,6 +13,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from imgx_diffusion.gaussian_diffusion import compute_dtype
 from imgx_diffusion.segmentation import mask_from_label
 
 
@@ -21,9 +22,11 @@ def _spatial_axes(x: chex.Array) -> tuple[int, ...]:
     return tuple(range(1, x.ndim - 1))
 
 
-def _check(logits: chex.Array, label: chex.Array) -> None:
+def _checked_logits(logits: chex.Array, label: chex.Array) -> jax.Array:
+    """Check shapes; return the logits in at least float32 (losses are never bfloat16)."""
     chex.assert_rank(logits, label.ndim + 1)
     chex.assert_equal_shape_prefix([logits, label], label.ndim)
+    return logits.astype(compute_dtype(logits.dtype))
 
 
 def dice_loss(logits: chex.Array, label: chex.Array, *, overlapping: bool = False) -> jax.Array:
@@ -36,7 +39,7 @@ def dice_loss(logits: chex.Array, label: chex.Array, *, overlapping: bool = Fals
     Returns:
         (batch,) in [0, 1].
     """
-    _check(logits, label)
+    logits = _checked_logits(logits, label)
     num_classes = logits.shape[-1]
     mask = mask_from_label(label, num_classes, overlapping=overlapping, dtype=logits.dtype)
     if overlapping:
@@ -69,7 +72,7 @@ def cross_entropy_loss(
     logits: chex.Array, label: chex.Array, *, overlapping: bool = False
 ) -> jax.Array:
     """Cross-entropy −log p_y averaged over voxels (and regions if overlapping), (batch,)."""
-    _check(logits, label)
+    logits = _checked_logits(logits, label)
     mask = mask_from_label(label, logits.shape[-1], overlapping=overlapping, dtype=logits.dtype)
     log_p, _ = _log_p_true(logits, mask, overlapping)
     return -jnp.mean(log_p.reshape(log_p.shape[0], -1), axis=1)
@@ -82,7 +85,7 @@ def focal_loss(
 
     γ = 0 gives the cross-entropy.
     """
-    _check(logits, label)
+    logits = _checked_logits(logits, label)
     mask = mask_from_label(label, logits.shape[-1], overlapping=overlapping, dtype=logits.dtype)
     log_p, p = _log_p_true(logits, mask, overlapping)
     focal = -((1.0 - p) ** gamma) * log_p

@@ -8,7 +8,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from imgx_diffusion.gaussian_diffusion import GaussianDiffusion
+from imgx_diffusion.gaussian_diffusion import GaussianDiffusion, compute_dtype
 from imgx_diffusion.segmentation import (
     label_from_probabilities,
     mask_from_x,
@@ -122,11 +122,12 @@ def sample(
             new_carry["x0_previous"] = pred.x0
         return new_carry, pred.logits
 
-    carry = {"x": jax.random.normal(key_start, shape, image.dtype)}
+    dtype = compute_dtype(image.dtype)
+    carry = {"x": jax.random.normal(key_start, shape, dtype)}
     if self_conditioning:
-        carry["condition"] = jnp.zeros(shape, image.dtype)
+        carry["condition"] = jnp.zeros(shape, dtype)
     if sampler == "dpm_solver_2m":
-        carry["x0_previous"] = jnp.zeros(shape, image.dtype)
+        carry["x0_previous"] = jnp.zeros(shape, dtype)
     steps = jnp.arange(num_steps - 1, -1, -1, dtype=jnp.int32)
     step_keys = jax.random.split(key_loop, num_steps)
     _, logits = jax.lax.scan(step, carry, (steps, step_keys))

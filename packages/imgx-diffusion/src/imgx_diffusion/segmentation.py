@@ -15,7 +15,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from imgx_diffusion.gaussian_diffusion import GaussianDiffusion
+from imgx_diffusion.gaussian_diffusion import GaussianDiffusion, compute_dtype
 
 _EPS = 1e-5
 
@@ -122,6 +122,8 @@ def read_model_output(
             f"for {num_classes} classes with variance={diffusion.variance!r} "
             "(learned_range needs 2C output channels)."
         )
+    # A network computing in bfloat16 hands over to float32 diffusion arithmetic here.
+    output = output.astype(compute_dtype(output.dtype))
     log_variance = None
     if diffusion.variance == "learned_range":
         output, u = output[..., :num_classes], output[..., num_classes:]

@@ -26,7 +26,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from imgx_diffusion.gaussian_diffusion import GaussianDiffusion
+from imgx_diffusion.gaussian_diffusion import GaussianDiffusion, compute_dtype
 from imgx_diffusion.segmentation import (
     ModelPrediction,
     mask_from_label,
@@ -143,7 +143,8 @@ def apply_strategy(
     num_timesteps = diffusion.num_timesteps
     batch_size = label.shape[0]
     k_t, k_noise_first, k_noise, k_model_first, k_model, k_cond = jax.random.split(key, 6)
-    mask = mask_from_label(label, num_classes, overlapping=overlapping, dtype=image.dtype)
+    dtype = compute_dtype(image.dtype)
+    mask = mask_from_label(label, num_classes, overlapping=overlapping, dtype=dtype)
     x0 = x_from_mask(mask)
 
     def call(xt: jax.Array, mask_input: jax.Array, t: jax.Array, k) -> ModelPrediction:
