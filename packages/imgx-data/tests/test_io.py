@@ -97,3 +97,15 @@ def test_missing_and_unreadable_files(tmp_path):
     bad.write_bytes(b"not an image")
     with pytest.raises(DatasetError, match=r"bad.nii.gz: cannot be read"):
         read_image(bad)
+
+
+def test_png_write_round_trip_and_range(tmp_path):
+    label = np.zeros((7, 3), np.uint8)  # (x = columns, y = rows)
+    label[5, 1] = 2
+    geometry = Geometry.identity((7, 3), (1.0, 1.0))
+    write_image(tmp_path / "p.png", label, geometry)
+    assert sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "p.png")))[1, 5] == 2
+    read, _ = read_image(tmp_path / "p.png")
+    np.testing.assert_array_equal(read, label)
+    with pytest.raises(ValueError, match=r"PNG values must be in \[0, 255\]"):
+        write_image(tmp_path / "q.png", label.astype(np.int32) * 200, geometry)
