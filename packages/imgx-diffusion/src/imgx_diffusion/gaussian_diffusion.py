@@ -108,6 +108,7 @@ class GaussianDiffusion:
 
     @property
     def alphas(self):
+        """α_t = 1 − β_t, shape (T,)."""
         return 1.0 - self.betas
 
     @property
