@@ -4,12 +4,22 @@ Public API (re-exported here)::
 
     data_dir, list_datasets, dataset_info, build, ensure_built, data_source, postprocess,
     DatasetInfo, DataSource, DatasetError, io (read_image, write_image, Geometry, ...),
-    restore_to_original, resample_to_geometry, find_scans, prepare_scan, restore_scan_label
+    restore_to_original, resample_to_geometry, find_scans, prepare_scan, restore_scan_label,
+    TrainIterator, eval_batches, AugmentationConfig, augment_batch, augment_sample,
+    min_max_rescale, patch_grid, gaussian_weight, sliding_window_inference
 """
 
 from imgx_data import io
+from imgx_data.augmentation import (
+    AugmentationConfig,
+    augment_batch,
+    augment_sample,
+    min_max_rescale,
+)
 from imgx_data.errors import DatasetError
 from imgx_data.io import Geometry, read_channels, read_image, write_image
+from imgx_data.loading import TrainIterator, eval_batches
+from imgx_data.patches import gaussian_weight, patch_grid, sliding_window_inference
 from imgx_data.preprocess import example_geometry, resample_to_geometry, restore_to_original
 from imgx_data.registry import (
     DatasetInfo,
@@ -49,4 +59,15 @@ __all__ = [
     "restore_scan_label",
     "restore_to_original",
     "write_image",
+]
+__all__ += [
+    "AugmentationConfig",
+    "TrainIterator",
+    "augment_batch",
+    "augment_sample",
+    "eval_batches",
+    "gaussian_weight",
+    "min_max_rescale",
+    "patch_grid",
+    "sliding_window_inference",
 ]
