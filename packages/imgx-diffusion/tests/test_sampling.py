@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import imgx_diffusion as idf
 
@@ -133,3 +135,22 @@ def test_sample_ensemble():
     np.testing.assert_allclose(ens.probabilities.sum(-1), 1.0, rtol=1e-5)
     assert float(ens.variance.max()) > 0.0  # the samples differ through the noise
     assert bool(jnp.all(ens.entropy >= 0)) and float(ens.entropy.max()) <= math.log(3) + 1e-6
+
+
+def test_sampling_on_a_two_device_mesh_matches_one_device():
+    params = toy.init_params(jax.random.key(10), 1, NUM_CLASSES, NUM_CLASSES)
+    sample = jax.jit(
+        lambda params, image, key: idf.sample(
+            DIFF,
+            lambda *args: toy.apply(params, *args[:3]),
+            key,
+            image,
+            num_classes=NUM_CLASSES,
+            sampler="ddpm",
+        )
+    )
+    expected = sample(params, IMAGE, jax.random.key(11))
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+    image = jax.device_put(IMAGE, NamedSharding(mesh, P("data")))
+    got = sample(params, image, jax.random.key(11))
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
