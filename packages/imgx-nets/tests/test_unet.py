@@ -201,7 +201,9 @@ def test_remat_same_values_and_gradients():
         model_fn = lambda s, g=graphdef: as_model_fn(g, s)
         loss = lambda s, f=model_fn: jnp.sum(f(s)(*args, jax.random.key(0)) ** 2)
         grads.append(jax.jit(jax.grad(loss))(state))
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), *grads)
+    # recomputation reorders float32 sums: compare against each gradient's scale
+    close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(b).max())
+    jax.tree.map(close, *grads)
 
 
 def test_as_model_fn_matches_module(diffusion2d):

@@ -82,13 +82,14 @@ def summary(module: nnx.Module) -> str:
         rows.append((part, shape, sum(parameter_count(p) for p in parts if p is not None)))
 
     channels = network.num_channels
-    add("time embedding", f"{channels[-1]}", network.time_embedding)
+    if network.time_embedding is not None:
+        add("time embedding", f"{channels[-1]}", network.time_embedding)
     add("stem", f"{network.in_channels + network.mask_channels}->{channels[0]}", network.stem)
     for level, c in enumerate(channels):
         add(f"encoder {level}", f"{c}", *network.encoder[level])
         if level < len(network.down):
             add(f"down {level}->{level + 1}", f"{network.factors[level]}", network.down[level])
-    add("transformer", f"{len(network.transformer)} layers", *network.transformer)
+    add("transformer", f"{len(network.transformer)} layer(s)", *network.transformer)
     for level in reversed(range(len(channels))):
         if level < len(network.up):
             add(f"up {level + 1}->{level}", f"{network.factors[level]}", network.up[level])

@@ -35,8 +35,8 @@ def _run_transformer_layer(layer: layers.TransformerLayer, x, key):
     return layer(x, key)
 
 
-_run_res_block_remat = nnx.remat(_run_res_block, prevent_cse=False)
-_run_transformer_layer_remat = nnx.remat(_run_transformer_layer, prevent_cse=False)
+_run_res_block_remat = nnx.remat(_run_res_block)
+_run_transformer_layer_remat = nnx.remat(_run_transformer_layer)
 
 
 def _crop_to(x: chex.Array, spatial: Sequence[int]) -> chex.Array:
