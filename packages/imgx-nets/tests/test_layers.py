@@ -73,3 +73,20 @@ def test_down_sample_equals_strided_convolution():
     x = jax.random.normal(jax.random.key(0), (2, 6, 4, 3, 3))
     expected = down.norm(_lax_conv3d(x, down.conv.kernel[...], (2, 2, 1), "VALID"))
     np.testing.assert_allclose(down(x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "spatial, kernel_size", [((7, 5), (3, 3)), ((4, 6), (2, 3)), ((3, 3), (1, 1))]
+)
+def test_conv2d_gradients_equal_xla(spatial, kernel_size):
+    # odd sizes and even kernels: the chunked kernel gradient pads rows and 'SAME' asymmetrically
+    x = jax.random.normal(jax.random.key(0), (3, *spatial, 4))
+    kernel = jax.random.normal(jax.random.key(1), (*kernel_size, 4, 5))
+    weights = jax.random.normal(jax.random.key(2), (3, *spatial, 5))
+    lax_conv = lambda x, k: jax.lax.conv_general_dilated(
+        x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    grads = jax.grad(lambda x, k: jnp.sum(layers._conv2d(x, k) * weights), (0, 1))(x, kernel)
+    expected = jax.grad(lambda x, k: jnp.sum(lax_conv(x, k) * weights), (0, 1))(x, kernel)
+    for g, e in zip(grads, expected, strict=True):
+        np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5 * np.abs(e).max())
