@@ -1,3 +1,36 @@
-"""imgx_train."""
+"""imgx_train: training, evaluation and prediction for imgx segmentation models.
+
+Public API::
+
+    train(cfg, run_dir=None) -> Path          resume(run_dir, steps=None) -> Path
+    evaluate(run_dir, split="test", ...) -> summary dict
+    predict(run_dir, inputs, output_dir, ...) -> {"written": [...], "failures": [...]}
+    describe_run(run_dir) -> dict             make_config(data, task, preset, overrides)
+"""
+
+from imgx_train import config, metrics, presets, reports
+from imgx_train.config import Config, ConfigError
+from imgx_train.evaluation import evaluate
+from imgx_train.predict import predict
+from imgx_train.presets import make_config
+from imgx_train.runs import RunError, describe_run
+from imgx_train.trainer import TrainingInterrupted, resume, train
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "RunError",
+    "TrainingInterrupted",
+    "config",
+    "describe_run",
+    "evaluate",
+    "make_config",
+    "metrics",
+    "predict",
+    "presets",
+    "reports",
+    "resume",
+    "train",
+]

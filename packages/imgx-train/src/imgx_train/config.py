@@ -1,0 +1,359 @@
+"""Run configuration: nested frozen dataclasses, dotted-key overrides, JSON round trip.
+
+The schema is the shared one of `shared/spec/overview.md`: `data`, `model`, `diffusion`,
+`loss`, `optimizer`, `train`, `eval`, `logging`. Every field is addressed by a dotted key
+(`optimizer.peak_lr`), which is how presets and the command line change it. The resolved
+config is saved as `config.json` in the run directory and is enough to rebuild the model,
+the data pipeline and the task.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Dataset and batching.
+
+    Attributes:
+      name: dataset name (`phantom`, `phantom_3d`, `amos_ct`, ..., or a `nifti_folder` name).
+      data_dir: TFDS data dir; None means $IMGX_DATA_DIR, else $TFDS_DATA_DIR, else
+        ~/tensorflow_datasets.
+      patch_shape: spatial shape of training patches; None trains on whole images.
+      inference_overlap: sliding-window overlap in voxels per axis at inference.
+      global_batch_size: samples per optimizer update over all devices and hosts.
+      max_batch_per_device: larger per-device batches are split into gradient-accumulation
+        micro-batches, so the update does not depend on the device count; None = no limit.
+      eval_batch_size: samples per evaluation batch (over all devices).
+      foreground_oversampling: fraction of training patches centred on a foreground voxel.
+      augmentation: apply the random augmentations below during training.
+      rotation: maximum rotation in degrees (each axis).
+      zoom: maximum relative zoom (0.2 = ±20 %).
+      shear: maximum shear angle in degrees.
+      shift: maximum shift as a fraction of the image size.
+      gamma: maximum |log γ| of the intensity gamma.
+      probability: probability of applying each scalar augmentation parameter.
+      flip: random flips along every spatial axis.
+    """
+
+    name: str = "phantom"
+    data_dir: str | None = None
+    patch_shape: tuple[int, ...] | None = None
+    inference_overlap: tuple[int, ...] | None = None
+    global_batch_size: int = 8
+    max_batch_per_device: int | None = None
+    eval_batch_size: int = 8
+    foreground_oversampling: float = 0.0
+    augmentation: bool = True
+    rotation: float = 30.0
+    zoom: float = 0.2
+    shear: float = 30.0
+    shift: float = 0.3
+    gamma: float = 0.3
+    probability: float = 0.5
+    flip: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """U-Net of `imgx_nets.UNet` (defaults: the published model).
+
+    `dtype` "auto" computes in bfloat16 on GPU/TPU and float32 on CPU; parameters are
+    always float32.
+    """
+
+    num_channels: tuple[int, ...] = (32, 64, 128, 256)
+    num_res_blocks: int = 2
+    kernel_size: int = 3
+    patch_size: tuple[int, ...] | int = 2
+    scale_factor: tuple[int, ...] | int = 2
+    num_heads: int = 8
+    widening_factor: int = 4
+    num_transformer_layers: int = 1
+    dropout: float = 0.1
+    skip: str = "add"
+    remat: bool | None = None
+    dtype: str = "auto"
+
+
+@dataclasses.dataclass(frozen=True)
+class DiffusionConfig:
+    """Gaussian diffusion segmentation (`imgx_diffusion`).
+
+    Attributes:
+      num_timesteps: N, steps of the base beta schedule every process is respaced from.
+      beta_schedule: `linear`, `quadratic` or `cosine`.
+      num_train_steps: T, the respaced number of training steps (5 in the MELBA paper).
+      model_output: `x0`, `epsilon` or `v`.
+      variance: `fixed_small`, `fixed_large` or `learned_range`.
+      strategy: `standard`, `recycle_next`, `recycle_last`, `self_cond_same`,
+        `self_cond_next`.
+      timestep_sampler: `importance` or `uniform`.
+    """
+
+    num_timesteps: int = 1001
+    beta_schedule: str = "linear"
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    num_train_steps: int = 5
+    model_output: str = "x0"
+    variance: str = "fixed_small"
+    strategy: str = "recycle_last"
+    timestep_sampler: str = "importance"
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """Weights of the loss terms (imgx default: Dice 1 + focal 1)."""
+
+    dice: float = 1.0
+    cross_entropy: float = 0.0
+    focal: float = 1.0
+    focal_gamma: float = 2.0
+    mse: float = 0.0
+    vlb: float = 0.0
+    aux: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW with linear warm-up and cosine decay, global-norm clipping, optional EMA."""
+
+    init_lr: float = 1e-5
+    peak_lr: float = 8e-4
+    warmup_steps: int = 100
+    decay_steps: int = 10_000
+    end_lr: float = 5e-5
+    b1: float = 0.9
+    b2: float = 0.999
+    weight_decay: float = 1e-8
+    clip_norm: float = 1.0
+    ema_decay: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The training run.
+
+    `steps` is a total number of optimizer updates, also when resuming.
+    """
+
+    task: str = "diffusion"
+    steps: int = 10_000
+    seed: int = 0
+    eval_every: int = 500
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    early_stopping_patience: int = 10
+    early_stopping_min_delta: float = 1e-4
+    max_valid_cases: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """Validation, test and prediction."""
+
+    sampler: str = "ddpm"
+    num_steps: int = 5
+    eta: float = 0.0
+    num_samples: int = 1
+    tolerance_mm: float = 1.0
+    checkpoint: str = "best"
+    num_overlays: int = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class LoggingConfig:
+    """Local metrics files always; wandb `offline` (default), `online` or `disabled`."""
+
+    log_every: int = 10
+    wandb: str = "offline"
+    progress: bool = True
+    compilation_cache: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    diffusion: DiffusionConfig = DiffusionConfig()
+    loss: LossConfig = LossConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+
+class ConfigError(ValueError):
+    """A config key or value that does not fit the schema."""
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """Nested dict of plain JSON values (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
+    """`{"optimizer.peak_lr": 8e-4, ...}` for every leaf field."""
+    out = {}
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        key = f"{prefix}{field.name}"
+        if dataclasses.is_dataclass(value):
+            out.update(flatten(value, key + "."))
+        else:
+            out[key] = value
+    return out
+
+
+def valid_keys(config: Any = None) -> list[str]:
+    return sorted(flatten(config if config is not None else Config()))
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Converts a parsed JSON value (or string) to the field's annotated type."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key}: cannot use {value!r}: " + "; ".join(errors))
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.replace("(", "").replace(")", "").split(",") if v]
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected a list such as [1,2], got {value!r}")
+        item_type = args[0] if args else Any
+        return tuple(_coerce(v, item_type, key) for v in value)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
+            return value.lower() in ("true", "1")
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, bool) or not (
+            isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+        ):
+            try:
+                return int(str(value))
+            except ValueError:
+                raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+        return int(value)
+    if annotation is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def replace(config: Any, updates: dict[str, Any]) -> Any:
+    """Returns a copy with dotted-key updates, e.g. `{"optimizer.peak_lr": 1e-4}`.
+
+    Raises:
+      ConfigError: for an unknown key (listing the valid keys) or a value of the wrong type.
+    """
+    known = set(valid_keys(config))
+    for key in updates:
+        if key not in known:
+            raise ConfigError(f"unknown config key {key!r}; valid keys: {', '.join(sorted(known))}")
+    nested: dict[str, dict[str, Any]] = {}
+    direct: dict[str, Any] = {}
+    for key, value in updates.items():
+        head, _, rest = key.partition(".")
+        if rest:
+            nested.setdefault(head, {})[rest] = value
+        else:
+            direct[head] = value
+    hints = _field_types(type(config))
+    changes = {k: _coerce(v, hints[k], k) for k, v in direct.items()}
+    for head, sub in nested.items():
+        changes[head] = replace(getattr(config, head), sub)
+    return dataclasses.replace(config, **changes)
+
+
+def parse_overrides(text: str | dict[str, Any] | None) -> dict[str, Any]:
+    """Parses `"optimizer.peak_lr=1e-4,model.num_channels=[16,32,64]"` into a dict.
+
+    Values are read as JSON where possible (numbers, lists, true/false/null), else kept as
+    strings. Commas inside brackets belong to the value.
+    """
+    if text is None or text == "":
+        return {}
+    if isinstance(text, dict):
+        return dict(text)
+    items, depth, current = [], 0, ""
+    for char in str(text):
+        if char in "[(":
+            depth += 1
+        elif char in "])":
+            depth -= 1
+        if char == "," and depth == 0:
+            items.append(current)
+            current = ""
+        else:
+            current += char
+    if current.strip():
+        items.append(current)
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        value = value.strip()
+        try:
+            parsed = json.loads(value.replace("(", "[").replace(")", "]"))
+        except json.JSONDecodeError:
+            parsed = value
+        out[key.strip()] = parsed
+    return out
+
+
+def from_dict(data: dict[str, Any], cls: type = Config) -> Any:
+    """Rebuilds a config from `to_dict` output; unknown keys are an error."""
+    hints = _field_types(cls)
+    kwargs = {}
+    for key, value in data.items():
+        if key not in hints:
+            raise ConfigError(f"unknown config key {key!r} for {cls.__name__}")
+        annotation = hints[key]
+        if dataclasses.is_dataclass(annotation):
+            kwargs[key] = from_dict(value, annotation)
+        else:
+            kwargs[key] = _coerce(value, annotation, key)
+    return cls(**kwargs)
+
+
+def save(config: Config, path: str | Path) -> None:
+    path = Path(path)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(to_dict(config), indent=2) + "\n")
+    tmp.replace(path)
+
+
+def load(path: str | Path) -> Config:
+    return from_dict(json.loads(Path(path).read_text()))

@@ -1,0 +1,223 @@
+"""Presets: per-dataset defaults, the papers' configurations and `debug`.
+
+A preset is a dict of dotted-key overrides applied on top of `Config()`, in this order:
+dataset preset → named preset (`melba2023`, `dgm4miccai2023`, `debug`) → the user's
+overrides. Values follow `shared/spec/presets.md`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from imgx_train import config as config_lib
+
+DATASET_PRESETS: dict[str, dict[str, Any]] = {
+    # Sized so that `imgx train` (diffusion, xT-recycling) finishes in a few minutes on a
+    # 2-core CPU and reaches a working model on the phantom test split.
+    "phantom": {
+        "data.global_batch_size": 8,
+        "data.eval_batch_size": 16,
+        "data.rotation": 15.0,
+        "data.shear": 5.0,
+        "data.zoom": 0.1,
+        "data.shift": 0.1,
+        "model.num_channels": (8, 16, 32, 64),
+        "model.num_res_blocks": 1,
+        "model.num_heads": 4,
+        "model.dropout": 0.0,
+        "optimizer.peak_lr": 3e-3,
+        "optimizer.warmup_steps": 50,
+        "optimizer.decay_steps": 600,
+        "optimizer.end_lr": 1e-4,
+        "train.steps": 600,
+        "train.eval_every": 200,
+        "train.checkpoint_every": 200,
+        "train.max_valid_cases": 24,
+        "logging.log_every": 20,
+    },
+    "phantom_3d": {
+        "data.global_batch_size": 2,
+        "data.eval_batch_size": 2,
+        "model.num_channels": (8, 16, 32, 64),
+        "model.num_res_blocks": 1,
+        "model.num_heads": 4,
+        "model.patch_size": (2, 2, 1),
+        "model.dropout": 0.0,
+        "optimizer.peak_lr": 2e-3,
+        "optimizer.warmup_steps": 50,
+        "optimizer.decay_steps": 1000,
+        "train.steps": 1000,
+        "train.eval_every": 250,
+        "train.checkpoint_every": 250,
+        "eval.tolerance_mm": 2.0,
+    },
+    "muscle_us": {
+        "data.global_batch_size": 64,
+        "model.patch_size": 2,
+        "train.steps": 8_000,  # 512 000 samples / 64
+    },
+    "male_pelvic_mr": {
+        "data.patch_shape": (256, 256, 32),
+        "data.inference_overlap": (0, 0, 16),
+        "data.global_batch_size": 8,
+        "model.patch_size": (2, 2, 1),
+        "train.steps": 12_500,  # 100 000 samples / 8
+    },
+    "amos_ct": {
+        "data.patch_shape": (128, 128, 128),
+        "data.inference_overlap": (64, 0, 0),
+        "data.global_batch_size": 8,
+        "model.patch_size": (2, 2, 2),
+        "train.steps": 12_500,
+    },
+    "brats2021_mr": {
+        "data.patch_shape": (128, 128, 128),
+        "data.inference_overlap": (0, 0, 32),
+        "data.global_batch_size": 8,
+        "model.patch_size": (2, 2, 2),
+        "train.steps": 12_500,
+    },
+}
+DATASET_PRESETS["brats2021_mr_wt"] = DATASET_PRESETS["brats2021_mr"]
+
+# MELBA paper's augmentation shift in voxels per axis, as a fraction of the patch size.
+_PELVIC_SHIFT = 20 / 256
+
+NAMED_PRESETS: dict[str, dict[str, Any]] = {
+    # Fu et al., MELBA 2023, arXiv 2308.16355 (xT-recycling).
+    "melba2023": {
+        "train.task": "diffusion",
+        "diffusion.num_timesteps": 1001,
+        "diffusion.num_train_steps": 5,
+        "diffusion.variance": "fixed_small",
+        "diffusion.model_output": "x0",
+        "diffusion.strategy": "recycle_last",
+        "loss.dice": 1.0,
+        "loss.focal": 20.0,
+        "loss.cross_entropy": 0.0,
+        "data.rotation": 5.0,  # 0.088 rad
+        "data.zoom": 0.15,
+        "data.shear": 0.0,
+        "data.shift": _PELVIC_SHIFT,
+        "model.patch_size": 2,
+    },
+    # Fu et al., DGM4MICCAI 2023, arXiv 2303.06040 (xt-recycling).
+    "dgm4miccai2023": {
+        "train.task": "diffusion",
+        "diffusion.num_timesteps": 1001,
+        "diffusion.num_train_steps": 5,
+        "diffusion.variance": "fixed_large",
+        "diffusion.model_output": "x0",
+        "diffusion.strategy": "recycle_next",
+        "loss.dice": 1.0,
+        "loss.cross_entropy": 1.0,
+        "loss.focal": 0.0,
+        "loss.mse": 0.1,
+        "optimizer.peak_lr": 1e-4,
+        "optimizer.end_lr": 1e-6,
+        "data.rotation": 5.0,
+        "data.zoom": 0.15,
+        "data.shear": 0.0,
+        "data.shift": _PELVIC_SHIFT,
+    },
+    # Seconds-long runs for tests and smoke checks.
+    "debug": {
+        "model.num_channels": (4, 8, 16),
+        "model.num_res_blocks": 1,
+        "model.num_heads": 2,
+        "model.dropout": 0.0,
+        "data.global_batch_size": 2,
+        "data.eval_batch_size": 4,
+        "train.steps": 4,
+        "train.eval_every": 2,
+        "train.checkpoint_every": 2,
+        "train.max_valid_cases": 4,
+        "optimizer.warmup_steps": 1,
+        "optimizer.decay_steps": 10,
+        "logging.log_every": 1,
+        "eval.num_overlays": 2,
+    },
+}
+
+TASKS = ("seg", "diffusion")
+
+
+def make_config(
+    data: str = "phantom",
+    task: str | None = None,
+    preset: str | None = None,
+    overrides: str | dict[str, Any] | None = None,
+) -> config_lib.Config:
+    """The resolved config for a dataset, task, preset and user overrides.
+
+    Args:
+      data: dataset name; datasets without a preset (e.g. a `nifti_folder` build) start from
+        the defaults.
+      task: `seg` or `diffusion`; None keeps the preset's (default `diffusion`).
+      preset: None, `melba2023`, `dgm4miccai2023` or `debug`.
+      overrides: dotted-key overrides, a dict or a `"a.b=1,c.d=[1,2]"` string.
+
+    Raises:
+      ConfigError: unknown preset, task or key (listing the valid choices).
+    """
+    updates: dict[str, Any] = {"data.name": data}
+    updates.update(DATASET_PRESETS.get(data, {}))
+    if preset is not None:
+        if preset not in NAMED_PRESETS:
+            raise config_lib.ConfigError(
+                f"unknown preset {preset!r}; choose one of {', '.join(sorted(NAMED_PRESETS))}"
+            )
+        updates.update(NAMED_PRESETS[preset])
+    if task is not None:
+        updates["train.task"] = task
+    updates.update(config_lib.parse_overrides(overrides))
+    cfg = config_lib.replace(config_lib.Config(), updates)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: config_lib.Config) -> None:
+    """Checks choices that the type alone does not constrain."""
+    choices = {
+        "train.task": (cfg.train.task, TASKS),
+        "diffusion.strategy": (
+            cfg.diffusion.strategy,
+            ("standard", "recycle_next", "recycle_last", "self_cond_same", "self_cond_next"),
+        ),
+        "diffusion.model_output": (cfg.diffusion.model_output, ("x0", "epsilon", "v")),
+        "diffusion.variance": (
+            cfg.diffusion.variance,
+            ("fixed_small", "fixed_large", "learned_range"),
+        ),
+        "diffusion.timestep_sampler": (cfg.diffusion.timestep_sampler, ("importance", "uniform")),
+        "diffusion.beta_schedule": (
+            cfg.diffusion.beta_schedule,
+            ("linear", "quadratic", "cosine"),
+        ),
+        "eval.sampler": (cfg.eval.sampler, ("ddpm", "ddim")),
+        "model.skip": (cfg.model.skip, ("add", "concat")),
+        "model.dtype": (cfg.model.dtype, ("auto", "float32", "bfloat16", "float16")),
+        "logging.wandb": (cfg.logging.wandb, ("offline", "online", "disabled")),
+    }
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise config_lib.ConfigError(
+                f"{key}={value!r} is not valid; choose one of {', '.join(allowed)}"
+            )
+    positive = {
+        "train.steps": cfg.train.steps,
+        "data.global_batch_size": cfg.data.global_batch_size,
+        "data.eval_batch_size": cfg.data.eval_batch_size,
+        "train.eval_every": cfg.train.eval_every,
+        "train.checkpoint_every": cfg.train.checkpoint_every,
+        "logging.log_every": cfg.logging.log_every,
+        "eval.num_samples": cfg.eval.num_samples,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise config_lib.ConfigError(f"{key} must be at least 1, got {value}")
+    if cfg.diffusion.variance == "learned_range" and cfg.loss.vlb <= 0:
+        raise config_lib.ConfigError(
+            "diffusion.variance=learned_range needs loss.vlb > 0: nothing else trains the "
+            "variance (e.g. --set loss.vlb=1)"
+        )

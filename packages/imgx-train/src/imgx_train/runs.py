@@ -1,0 +1,134 @@
+"""Run directories: creation, `runs/latest`, metrics JSONL files, run description."""
+
+from __future__ import annotations
+
+import datetime
+import errno
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from imgx_train import config as config_lib
+
+
+class RunError(FileNotFoundError):
+    """A run directory that is missing or incomplete."""
+
+
+def new_run_dir(cfg: config_lib.Config, root: str | Path = "runs") -> Path:
+    """`runs/<YYYYmmdd-HHMMSS>-<data>-<task>`, unique even when two start in one second."""
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = Path(root) / f"{stamp}-{cfg.data.name}-{cfg.train.task}"
+    path, i = base, 1
+    while path.exists():
+        path = base.with_name(f"{base.name}-{i}")
+        i += 1
+    return path
+
+
+def prepare(run_dir: Path) -> None:
+    """Creates the run layout, failing clearly when the location cannot be written."""
+    try:
+        for sub in ("metrics", "plots"):
+            (run_dir / sub).mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write_test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        reason = "the disk is full" if e.errno == errno.ENOSPC else e.strerror
+        raise RunError(f"cannot write the run directory {run_dir}: {reason}") from e
+
+
+def point_latest(run_dir: Path) -> None:
+    """Makes `<parent>/latest` a relative symlink to `run_dir` (best effort)."""
+    latest = run_dir.parent / "latest"
+    try:
+        tmp = run_dir.parent / f".latest-{os.getpid()}"
+        if tmp.is_symlink():
+            tmp.unlink()
+        tmp.symlink_to(run_dir.name)
+        tmp.replace(latest)
+    except OSError:
+        pass
+
+
+def check_run_dir(run_dir: str | Path) -> Path:
+    """The resolved run dir, or a RunError saying what is missing."""
+    path = Path(run_dir)
+    if not path.exists():
+        raise RunError(f"run directory {path} does not exist")
+    if not (path / "config.json").exists():
+        raise RunError(f"{path} is not an imgx run: config.json is missing")
+    return path.resolve()
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class JsonlWriter:
+    """Appends one JSON object per line; each line is flushed so a crash keeps the rest."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def write(self, record: dict[str, Any]) -> None:
+        line = json.dumps({k: _json_value(v) for k, v in record.items()})
+        with self.path.open("a") as f:
+            f.write(line + "\n")
+
+    def truncate_after(self, step: int) -> None:
+        """Drops records past `step` (a resumed run rewrites them)."""
+        if not self.path.exists():
+            return
+        kept = [r for r in read_jsonl(self.path) if r.get("step", 0) <= step]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        tmp.replace(self.path)
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut by a crash
+    return records
+
+
+def describe_run(run_dir: str | Path) -> dict[str, Any]:
+    """Config, checkpoints, best validation metric and last logged step of a run."""
+    path = check_run_dir(run_dir)
+    cfg = config_lib.load(path / "config.json")
+    ckpt_dir = path / "checkpoints"
+    steps = (
+        sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit())
+        if (ckpt_dir.exists())
+        else []
+    )
+    train_records = read_jsonl(path / "metrics" / "train.jsonl")
+    valid_records = read_jsonl(path / "metrics" / "valid.jsonl")
+    best = max(
+        (r for r in valid_records if r.get("dice") is not None),
+        key=lambda r: r["dice"],
+        default=None,
+    )
+    return {
+        "run_dir": str(path),
+        "data": cfg.data.name,
+        "task": cfg.train.task,
+        "strategy": cfg.diffusion.strategy if cfg.train.task == "diffusion" else None,
+        "steps": cfg.train.steps,
+        "last_logged_step": train_records[-1]["step"] if train_records else 0,
+        "last_loss": train_records[-1].get("loss") if train_records else None,
+        "checkpoints": steps,
+        "best": best,
+        "config": config_lib.to_dict(cfg),
+    }

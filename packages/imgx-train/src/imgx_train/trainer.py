@@ -1,0 +1,375 @@
+"""The training loop: data parallel `jit` over a device mesh, exact resume, validation.
+
+One readable loop (big_vision style). The train state is a pytree replicated over the
+mesh's `data` axis; batches are global arrays sharded over it, so XLA averages the
+gradients across devices (and hosts). Keys are `fold_in(seed_key, step)`, and the data
+order is a pure function of (seed, step), so a resumed run sees exactly the batches and
+keys it would have seen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import imgx_data
+from imgx_train import checkpoint as ckpt_lib
+from imgx_train import config as config_lib
+from imgx_train import devices, evaluation, optim, reports, runs, tasks
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingInterrupted(Exception):
+    """Ctrl-C during training: a checkpoint was saved; `run_dir` resumes it."""
+
+    def __init__(self, run_dir: Path, step: int):
+        super().__init__(f"interrupted at step {step}; resume with: imgx train --resume {run_dir}")
+        self.run_dir = run_dir
+        self.step = step
+
+
+@dataclasses.dataclass
+class EarlyStopping:
+    """Stops when the validation metric has not improved by `min_delta` for `patience`."""
+
+    patience: int
+    min_delta: float
+    best: float = -math.inf
+    best_step: int | None = None
+    bad_validations: int = 0
+
+    def update(self, value: float, step: int) -> bool:
+        """Records a validation; returns True when training should stop."""
+        if value > self.best + self.min_delta:
+            self.best, self.best_step, self.bad_validations = value, step, 0
+        else:
+            self.bad_validations += 1
+        return self.bad_validations >= self.patience
+
+    def to_json(self) -> dict[str, Any]:
+        best = self.best if math.isfinite(self.best) else None
+        return {"best": best, "best_step": self.best_step, "bad": self.bad_validations}
+
+    def load_json(self, data: dict[str, Any]) -> None:
+        self.best = -math.inf if data.get("best") is None else float(data["best"])
+        self.best_step = data.get("best_step")
+        self.bad_validations = int(data.get("bad", 0))
+
+
+def accumulation_steps(global_batch: int, num_devices: int, max_per_device: int | None) -> int:
+    """Micro-batches per update so each device holds at most `max_per_device` samples."""
+    if global_batch % num_devices:
+        raise config_lib.ConfigError(
+            f"data.global_batch_size={global_batch} must be a multiple of the {num_devices} devices"
+        )
+    per_device = global_batch // num_devices
+    if max_per_device is None or per_device <= max_per_device:
+        return 1
+    steps = math.ceil(per_device / max_per_device)
+    while per_device % steps:
+        steps += 1
+    return steps
+
+
+def make_train_step(
+    cfg: config_lib.Config, task: tasks.Task, tx: optax.GradientTransformation, num_micro: int
+):
+    """The jitted update: augmentation, loss, gradients (accumulated), optimizer, EMA."""
+    ema_decay = cfg.optimizer.ema_decay
+    aug_cfg = tasks.augmentation_config(cfg, task.info)
+
+    def step_fn(state: dict[str, Any], batch: dict[str, jax.Array]):
+        key = jax.random.fold_in(state["key"], state["step"])
+        aug_key, loss_key = jax.random.split(key)
+        image, label = batch["image"], batch["label"]
+        augmented = imgx_data.augment_batch(
+            aug_key, {"image": image, "label": label, "spacing": batch["spacing"]}, aug_cfg
+        )
+        image, label = augmented["image"], augmented["label"]
+
+        def loss_fn(params, image, label, key):
+            return task.loss(params, key, image, label, state["aux"])
+
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        if num_micro == 1:
+            (loss, (per_sample, t, logs)), grads = grad_fn(state["params"], image, label, loss_key)
+        else:
+            # Micro-batch m takes rows m, m + M, m + 2M, ...: each device's contiguous block
+            # contributes to every micro-batch, so no data crosses devices.
+            def split(x):
+                x = x.reshape(x.shape[0] // num_micro, num_micro, *x.shape[1:])
+                return jnp.swapaxes(x, 0, 1)
+
+            def body(acc, xs):
+                img, lab, k = xs
+                (loss, aux), grads = grad_fn(state["params"], img, lab, k)
+                acc = jax.tree.map(lambda a, g: a + g / num_micro, acc, grads)
+                return acc, (loss, aux)
+
+            zeros = jax.tree.map(jnp.zeros_like, state["params"])
+            keys = jax.random.split(loss_key, num_micro)
+            grads, (losses, (per_sample, t, logs)) = jax.lax.scan(
+                body, zeros, (split(image), split(label), keys)
+            )
+            loss = losses.mean()
+            per_sample, t = per_sample.reshape(-1), t.reshape(-1)
+            logs = jax.tree.map(jnp.mean, logs)
+
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        finite = jnp.isfinite(loss) & jnp.all(jnp.isfinite(per_sample))
+        aux = jax.lax.cond(
+            finite,
+            lambda: task.update_aux(state["aux"], t, per_sample),
+            lambda: state["aux"],
+        )
+        new_state = dict(state, step=state["step"] + 1, params=params, opt_state=opt_state, aux=aux)
+        if ema_decay is not None:
+            new_state["ema"] = jax.tree.map(
+                lambda e, p: ema_decay * e + (1 - ema_decay) * p, state["ema"], params
+            )
+        metrics = {
+            "loss": loss,
+            "grad_norm": optax.global_norm(grads),
+            "skipped": opt_state.total_notfinite,
+            **logs,
+        }
+        return new_state, metrics
+
+    return step_fn
+
+
+def init_state(cfg: config_lib.Config, task: tasks.Task, tx) -> dict[str, Any]:
+    key = jax.random.key_data(jax.random.key(cfg.train.seed))
+    init_key, step_key = jax.random.split(jax.random.wrap_key_data(key))
+    params = task.init_params(init_key)
+    state = {
+        "step": jnp.asarray(0, jnp.int32),
+        "key": step_key,
+        "params": params,
+        "opt_state": tx.init(params),
+        "aux": task.init_aux(),
+    }
+    if cfg.optimizer.ema_decay is not None:
+        state["ema"] = jax.tree.map(jnp.copy, params)
+    return state
+
+
+class _Progress:
+    """tqdm on a terminal, plain periodic lines otherwise."""
+
+    def __init__(self, enabled: bool, start: int, total: int):
+        self.bar = None
+        if enabled and sys.stdout.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+        self.total = total
+
+    def update(self, step: int, n: int, record: dict[str, Any] | None) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+            if record is not None:
+                self.bar.set_postfix(loss=f"{record['loss']:.4f}")
+        elif record is not None:
+            print(
+                f"step {step}/{self.total} loss {record['loss']:.4f} "
+                f"{record.get('steps_per_s', 0):.2f} it/s",
+                flush=True,
+            )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def train(cfg: config_lib.Config, *, run_dir: str | Path | None = None) -> Path:
+    """Trains a new run and returns its directory (see the run layout in the README)."""
+    run_dir = Path(run_dir) if run_dir is not None else runs.new_run_dir(cfg)
+    if (run_dir / "config.json").exists():
+        raise runs.RunError(
+            f"{run_dir} already holds a run; continue it with: imgx train --resume {run_dir}"
+        )
+    return _run(cfg, run_dir)
+
+
+def resume(run_dir: str | Path, *, steps: int | None = None) -> Path:
+    """Continues a run from its last complete checkpoint, up to `steps` in total."""
+    run_dir = runs.check_run_dir(run_dir)
+    cfg = config_lib.load(run_dir / "config.json")
+    if steps is not None:
+        cfg = config_lib.replace(cfg, {"train.steps": steps})
+    return _run(cfg, run_dir, resuming=True)
+
+
+def _run(cfg: config_lib.Config, run_dir: Path, resuming: bool = False) -> Path:
+    devices.setup(cfg)
+    info = imgx_data.ensure_built(cfg.data.name, data_dir=cfg.data.data_dir)
+    runs.prepare(run_dir)
+    config_lib.save(cfg, run_dir / "config.json")
+    if jax.process_index() == 0:
+        runs.point_latest(run_dir)
+
+    mesh = devices.data_mesh()
+    replicated = NamedSharding(mesh, P())
+    task = tasks.Task(cfg, info)
+    tx = optim.optimizer(cfg.optimizer)
+    num_micro = accumulation_steps(
+        cfg.data.global_batch_size, mesh.size, cfg.data.max_batch_per_device
+    )
+    state = jax.device_put(init_state(cfg, task, tx), replicated)
+    train_source = imgx_data.data_source(cfg.data.name, "train", data_dir=cfg.data.data_dir)
+    iterator = imgx_data.TrainIterator(
+        train_source,
+        global_batch_size=cfg.data.global_batch_size,
+        seed=cfg.train.seed,
+        mesh=mesh,
+    )
+    stopper = EarlyStopping(cfg.train.early_stopping_patience, cfg.train.early_stopping_min_delta)
+    mngr = ckpt_lib.manager(run_dir, keep=cfg.train.keep_checkpoints)
+    train_log = runs.JsonlWriter(run_dir / "metrics" / "train.jsonl")
+    valid_log = runs.JsonlWriter(run_dir / "metrics" / "valid.jsonl")
+
+    start = 0
+    if resuming and mngr.all_steps():
+        start, state, meta = ckpt_lib.restore(mngr, None, state)
+        iterator.set_state(meta["iterator"])
+        stopper.load_json(meta["early_stopping"])
+        print(f"resumed {run_dir} at step {start}", flush=True)
+    train_log.truncate_after(start)
+    valid_log.truncate_after(start)
+
+    step_fn = jax.jit(
+        make_train_step(cfg, task, tx, num_micro),
+        in_shardings=(replicated, None),
+        out_shardings=(replicated, replicated),
+        donate_argnums=(0,),
+    )
+    validator = evaluation.Validator(cfg, task, mesh)
+    wandb_run = _init_wandb(cfg, run_dir, resuming)
+    schedule = optim.learning_rate_schedule(cfg.optimizer)
+
+    def meta() -> dict[str, Any]:
+        return {"iterator": iterator.get_state(), "early_stopping": stopper.to_json()}
+
+    progress = _Progress(cfg.logging.progress, start, cfg.train.steps)
+    step, last_time, last_step = start, time.perf_counter(), start
+    pending: list[tuple[int, dict[str, jax.Array]]] = []
+    try:
+        while step < cfg.train.steps:
+            batch = next(iterator)
+            state, metrics = step_fn(state, {k: batch[k] for k in ("image", "label", "spacing")})
+            step += 1
+            record = None
+            if step % cfg.logging.log_every == 0 or step == cfg.train.steps:
+                pending.append((step, metrics))
+                record = _flush_logs(pending, train_log, wandb_run, schedule)
+                now = time.perf_counter()
+                record["steps_per_s"] = (step - last_step) / max(now - last_time, 1e-9)
+                last_time, last_step = now, step
+            progress.update(step, 1, record)
+
+            valid_dice = None
+            stop = False
+            if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
+                summary = validator.run(state, step)
+                valid_dice = summary["dice"]
+                valid_log.write({"step": step, **summary})
+                if wandb_run is not None:
+                    wandb_run.log({f"valid/{k}": v for k, v in summary.items()}, step=step)
+                stop = stopper.update(valid_dice, step)
+            if valid_dice is not None or step % cfg.train.checkpoint_every == 0:
+                ckpt_lib.save(mngr, step, state, meta(), valid_dice=valid_dice)
+            if stop:
+                print(
+                    f"early stopping at step {step}: no improvement of the validation Dice "
+                    f"for {stopper.patience} validations (best {stopper.best:.4f} at step "
+                    f"{stopper.best_step})",
+                    flush=True,
+                )
+                break
+    except KeyboardInterrupt:
+        progress.close()
+        if step not in mngr.all_steps():
+            ckpt_lib.save(mngr, step, state, meta())
+        mngr.wait_until_finished()
+        raise TrainingInterrupted(run_dir, step) from None
+    finally:
+        progress.close()
+    if step not in mngr.all_steps():
+        ckpt_lib.save(mngr, step, state, meta())
+    mngr.wait_until_finished()
+    mngr.close()
+    if wandb_run is not None:
+        wandb_run.finish()
+    reports.plot_curves(
+        run_dir / "plots" / "curves.png",
+        runs.read_jsonl(run_dir / "metrics" / "train.jsonl"),
+        runs.read_jsonl(run_dir / "metrics" / "valid.jsonl"),
+    )
+    return run_dir
+
+
+def _flush_logs(pending, writer: runs.JsonlWriter, wandb_run, schedule) -> dict[str, Any]:
+    """Brings the logged steps' metrics to the host (the only host sync of the loop)."""
+    record: dict[str, Any] = {}
+    for step, metrics in pending:
+        values = jax.device_get(metrics)
+        record = {"step": step, "lr": float(schedule(step - 1))}
+        record.update({k: float(np.asarray(v)) for k, v in values.items()})
+        record["skipped"] = int(record["skipped"])
+        writer.write(record)
+        if wandb_run is not None:
+            wandb_run.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=step)
+    pending.clear()
+    return record
+
+
+def _init_wandb(cfg: config_lib.Config, run_dir: Path, resuming: bool):
+    """wandb in the configured mode; offline when online is asked for without a login."""
+    mode = cfg.logging.wandb
+    if mode == "disabled" or jax.process_index() != 0:
+        return None
+    import os
+
+    import wandb
+
+    if mode == "online" and not (os.environ.get("WANDB_API_KEY") or _wandb_logged_in()):
+        logger.warning("wandb: no API key found; logging offline (run `wandb login`)")
+        mode = "offline"
+    tags = [cfg.data.name, cfg.train.task]
+    if cfg.train.task == "diffusion":
+        tags.append(cfg.diffusion.strategy)
+    return wandb.init(
+        project="imgx",
+        dir=str(run_dir),
+        name=run_dir.name,
+        id=run_dir.name.replace(".", "-"),
+        resume="allow" if resuming else None,
+        mode=mode,
+        config=config_lib.flatten(cfg),
+        tags=tags,
+        settings=wandb.Settings(silent=True, console="off"),
+    )
+
+
+def _wandb_logged_in() -> bool:
+    try:
+        import wandb
+
+        return bool(wandb.Api().api_key)
+    except Exception:
+        return False
