@@ -66,6 +66,9 @@ def test_conv3d_as_2d_equals_3d_convolution(kernel_size):
     x = jax.random.normal(jax.random.key(0), (2, 6, 5, 4, 3))
     expected = _lax_conv3d(x, conv.kernel[...], (1, 1, 1), "SAME") + jnp.arange(5.0)
     np.testing.assert_allclose(conv(x), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        layers._conv3d_as_2d(x, conv.kernel[...]) + jnp.arange(5.0), expected, rtol=1e-5, atol=1e-5
+    )
 
 
 def test_down_sample_equals_strided_convolution():
@@ -86,7 +89,9 @@ def test_conv2d_gradients_equal_xla(spatial, kernel_size):
     lax_conv = lambda x, k: jax.lax.conv_general_dilated(
         x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
     )
-    grads = jax.grad(lambda x, k: jnp.sum(layers._conv2d(x, k) * weights), (0, 1))(x, kernel)
+    grads = jax.grad(
+        lambda x, k: jnp.sum(layers._conv2d_chunked_kernel_gradient(x, k) * weights), (0, 1)
+    )(x, kernel)
     expected = jax.grad(lambda x, k: jnp.sum(lax_conv(x, k) * weights), (0, 1))(x, kernel)
     for g, e in zip(grads, expected, strict=True):
         np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5 * np.abs(e).max())

@@ -158,11 +158,8 @@ def _conv2d_kernel_gradient(
 
 
 @jax.custom_vjp
-def _conv2d(x: chex.Array, kernel: chex.Array) -> chex.Array:
-    """'SAME' stride-1 convolution, `(batch, x, y, in)` * `(kx, ky, in, out)`.
-
-    Forward and input gradient are XLA's; the kernel gradient is `_conv2d_kernel_gradient`.
-    """
+def _conv2d_chunked_kernel_gradient(x: chex.Array, kernel: chex.Array) -> chex.Array:
+    """XLA's convolution with the kernel gradient of `_conv2d_kernel_gradient`."""
     return _lax_conv2d(x, kernel)
 
 
@@ -177,7 +174,18 @@ def _conv2d_backward(residuals, output_gradient):
     return input_gradient, kernel_gradient.astype(kernel.dtype)
 
 
-_conv2d.defvjp(_conv2d_forward, _conv2d_backward)
+_conv2d_chunked_kernel_gradient.defvjp(_conv2d_forward, _conv2d_backward)
+
+
+def _conv2d(x: chex.Array, kernel: chex.Array) -> chex.Array:
+    """'SAME' stride-1 convolution, `(batch, x, y, in)` * `(kx, ky, in, out)`.
+
+    On CPU the kernel gradient is `_conv2d_kernel_gradient` (reverse mode only); GPU and TPU
+    use XLA's convolution and its gradients (cuDNN / the TPU's own), which are fast there.
+    """
+    if jax.default_backend() == "cpu":
+        return _conv2d_chunked_kernel_gradient(x, kernel)
+    return _lax_conv2d(x, kernel)
 
 
 def _conv3d_as_2d(x: chex.Array, kernel: chex.Array) -> chex.Array:
@@ -198,10 +206,20 @@ def _conv3d_as_2d(x: chex.Array, kernel: chex.Array) -> chex.Array:
     return jnp.moveaxis(out.reshape(b, sz, sx, sy, -1), 1, 3)
 
 
+def _conv3d(x: chex.Array, kernel: chex.Array) -> chex.Array:
+    """'SAME' stride-1 3D convolution: `_conv3d_as_2d` on CPU, XLA's 3D convolution elsewhere."""
+    if jax.default_backend() == "cpu":
+        return _conv3d_as_2d(x, kernel)
+    return jax.lax.conv_general_dilated(
+        x, kernel, (1, 1, 1), "SAME", dimension_numbers=("NDHWC", "DHWIO", "NDHWC")
+    )
+
+
 class Conv(nnx.Module):
     """'SAME' stride-1 convolution, channels-last, kernel `(*kernel_size, in, out)`.
 
-    2D or 3D by the input rank; 3D runs as 2D convolutions over z (`_conv3d_as_2d`). LeCun
+    2D or 3D by the input rank; on CPU, 3D runs as a 2D convolution over z (`_conv3d_as_2d`)
+    and the kernel gradient is chunked (`_conv2d_kernel_gradient`). LeCun
     normal initialisation (fan-in = prod(kernel_size) * in), like `flax.nnx.Conv`.
     """
 
@@ -224,7 +242,7 @@ class Conv(nnx.Module):
     def __call__(self, x: chex.Array) -> chex.Array:
         x = x.astype(self.dtype)
         kernel = self.kernel[...].astype(self.dtype)
-        y = _conv3d_as_2d(x, kernel) if x.ndim == 5 else _conv2d(x, kernel)
+        y = _conv3d(x, kernel) if x.ndim == 5 else _conv2d(x, kernel)
         return y if self.bias is None else y + self.bias[...].astype(self.dtype)
 
 
