@@ -271,7 +271,7 @@ def _field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def replace(config: Any, updates: dict[str, Any]) -> Any:
+def replace(config: Any, updates: dict[str, Any], _prefix: str = "") -> Any:
     """Returns a copy with dotted-key updates, e.g. `{"optimizer.peak_lr": 1e-4}`.
 
     Raises:
@@ -290,9 +290,9 @@ def replace(config: Any, updates: dict[str, Any]) -> Any:
         else:
             direct[head] = value
     hints = _field_types(type(config))
-    changes = {k: _coerce(v, hints[k], k) for k, v in direct.items()}
+    changes = {k: _coerce(v, hints[k], _prefix + k) for k, v in direct.items()}
     for head, sub in nested.items():
-        changes[head] = replace(getattr(config, head), sub)
+        changes[head] = replace(getattr(config, head), sub, f"{_prefix}{head}.")
     return dataclasses.replace(config, **changes)
 
 

@@ -143,7 +143,7 @@ def make_train_step(
             )
         metrics = {
             "loss": loss,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "skipped": opt_state.total_notfinite,
             **logs,
         }
@@ -200,7 +200,7 @@ def train(cfg: config_lib.Config, *, run_dir: str | Path | None = None) -> Path:
     """Trains a new run and returns its directory (see the run layout in the README)."""
     run_dir = Path(run_dir) if run_dir is not None else runs.new_run_dir(cfg)
     if (run_dir / "config.json").exists():
-        raise runs.RunError(
+        raise FileExistsError(
             f"{run_dir} already holds a run; continue it with: imgx train --resume {run_dir}"
         )
     return _run(cfg, run_dir)
