@@ -1,0 +1,130 @@
+"""Test-split evaluation and prediction on new files, from a tiny diffusion run."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+import imgx_data
+from imgx_train import evaluation, presets, trainer
+from imgx_train.predict import predict
+
+FAST = (
+    "logging.wandb=disabled,logging.progress=false,model.num_channels=[4,8],"
+    "train.max_valid_cases=2,data.eval_batch_size=2,train.steps=2"
+)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    data_dir = tmp_path_factory.mktemp("data")
+    imgx_data.build("phantom", data_dir=data_dir, split_sizes=(4, 2, 3))
+    cfg = presets.make_config(
+        "phantom", task="diffusion", preset="debug", overrides=f"{FAST},data.data_dir={data_dir}"
+    )
+    return trainer.train(cfg, run_dir=tmp_path_factory.mktemp("runs") / "diffusion")
+
+
+@pytest.fixture(scope="module")
+def summary(run):
+    return evaluation.evaluate(run, split="test", sampler="ddim", num_steps=3, seed=3)
+
+
+def test_evaluate_writes_what_a_user_opens(run, summary):
+    out = run / "test" / "ddim-3"
+    assert summary["output_dir"] == str(out)
+    assert summary["num_cases"] == 3
+    assert set(summary["foreground_mean"]) >= {"dice", "iou", "hd95", "assd", "nsd"}
+    assert 0.0 <= summary["foreground_mean"]["dice"] <= 1.0
+    assert set(summary["per_step"]) == {"step_0", "step_1", "step_2"}
+    written = json.loads((out / "summary.json").read_text())
+    assert written["num_cases"] == 3 and written["sampler"] == "ddim"
+    with (out / "per_case.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 3 and "dice_muscle" in rows[0]
+    source = imgx_data.data_source("phantom", "test", data_dir=written_data_dir(run))
+    for i in range(3):
+        example = source[i]
+        label, geometry = imgx_data.read_image(out / "predictions" / f"{example['uid']}.nii.gz")
+        assert label.shape == tuple(example["original_shape"])
+        np.testing.assert_allclose(geometry.spacing, example["original_spacing"], rtol=1e-5)
+        assert set(np.unique(label)) <= {0, 1, 2}
+        assert (out / "predictions" / f"{example['uid']}.png").exists()
+    assert len(list((out / "overlays").glob("*.png"))) == 2
+    assert not list(run.glob("test/*.partial"))
+
+
+def written_data_dir(run):
+    return json.loads((run / "config.json").read_text())["data"]["data_dir"]
+
+
+def test_same_seed_same_result(run, summary):
+    again = evaluation.evaluate(run, split="test", sampler="ddim", num_steps=3, seed=3)
+    assert again["per_class"] == summary["per_class"]
+
+
+def test_number_of_sampling_steps_is_checked(run):
+    with pytest.raises(ValueError, match=r"\[2, 3, 5\]"):
+        evaluation.evaluate(run, split="test", num_steps=4)
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path, run):
+    import shutil
+
+    copy = tmp_path / "no_ckpt"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("checkpoints"))
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        evaluation.evaluate(copy)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        evaluation.evaluate(tmp_path / "nowhere")
+
+
+@pytest.fixture(scope="module")
+def scans(run, tmp_path_factory):
+    """A folder of new 2D scans: a NIfTI with its own geometry, a PNG and bad files."""
+    folder = tmp_path_factory.mktemp("scans")
+    source = imgx_data.data_source("phantom", "test", data_dir=written_data_dir(run))
+    image = source[0]["image"][..., 0]
+    geometry = imgx_data.Geometry(
+        shape=(80, 70), spacing=(1.2, 1.1), origin=(5.0, -3.0), direction=(1.0, 0.0, 0.0, 1.0)
+    )
+    imgx_data.write_image(folder / "case_a.nii.gz", image[:80, :70], geometry)
+    png = (255 * (image - image.min()) / np.ptp(image)).astype(np.uint8)
+    imgx_data.write_image(
+        folder / "case_b.png", png, imgx_data.Geometry.identity(png.shape, (1, 1))
+    )
+    volume = imgx_data.Geometry.identity((8, 8, 4), (1.0, 1.0, 1.0))
+    imgx_data.write_image(folder / "case_c.nii.gz", np.zeros((8, 8, 4), np.float32), volume)
+    (folder / "case_d.nii.gz").write_bytes(b"not a nifti file")
+    return folder
+
+
+def test_predict_writes_each_scan_on_its_own_grid_and_lists_failures(run, scans, tmp_path):
+    out = tmp_path / "preds"
+    result = predict(run, scans, out, num_samples=2, save_probabilities=True, seed=1)
+    failed = {path.split("/")[-1]: message for path, message in result["failures"]}
+    assert set(failed) == {"case_c.nii.gz", "case_d.nii.gz"}
+    assert "3D" in failed["case_c.nii.gz"] and "2D" in failed["case_c.nii.gz"]
+    label, geometry = imgx_data.read_image(out / "case_a.nii.gz")
+    assert label.shape == (80, 70)
+    np.testing.assert_allclose(geometry.spacing, (1.2, 1.1), rtol=1e-6)
+    np.testing.assert_allclose(geometry.origin, (5.0, -3.0), rtol=1e-6)
+    entropy, _ = imgx_data.read_image(out / "case_a_entropy.nii.gz")
+    assert (
+        entropy.shape == (80, 70) and np.all(entropy >= 0) and np.all(entropy <= np.log(3) + 1e-5)
+    )
+    probabilities, _ = imgx_data.read_image(out / "case_a_probabilities.nii.gz")
+    assert probabilities.shape[-1] == 3
+    assert (out / "case_b.nii.gz").exists() and (out / "case_b_variance.nii.gz").exists()
+    assert not list(out.glob(".*partial*"))
+    again = predict(run, scans / "case_a.nii.gz", tmp_path / "again", num_samples=2, seed=1)
+    label_again, _ = imgx_data.read_image(tmp_path / "again" / "case_a.nii.gz")
+    np.testing.assert_array_equal(label, label_again)
+    assert again["failures"] == []
+
+
+def test_predict_empty_folder_is_a_clear_error(run, tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="empty"):
+        predict(run, tmp_path / "empty", tmp_path / "out")
