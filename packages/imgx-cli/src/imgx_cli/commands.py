@@ -136,6 +136,9 @@ def _print_results(summary: dict[str, Any]) -> None:
     output_dir = summary.get("output_dir")
     if output_dir is not None:
         _echo(f"results:   {output_dir} (summary.json, per_case.csv, predictions)")
+        overlays = Path(output_dir) / "overlays"
+        if overlays.is_dir():
+            _echo(f"overlays:  {overlays}{os.sep}")
 
 
 def _interrupted(error: BaseException) -> CommandExit:
@@ -200,8 +203,6 @@ def _print_config(cfg: Any) -> None:
 def _print_run_paths(run_dir: Path) -> None:
     plots = run_dir / "plots"
     _echo(f"run:       {run_dir}")
-    if plots.is_dir():
-        _echo(f"overlays:  {plots}{os.sep}")
     if (plots / "curves.png").is_file():
         _echo(f"curves:    {plots / 'curves.png'}")
 

@@ -24,7 +24,12 @@ PROG = "imgx"
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
     """Errors whose message is the whole story: a config key, dataset, file or choice."""
-    types: list[type[BaseException]] = [argv_lib.UsageError, ValueError, FileNotFoundError]
+    types: list[type[BaseException]] = [
+        argv_lib.UsageError,
+        ValueError,
+        FileNotFoundError,
+        FileExistsError,
+    ]
     train_module = sys.modules.get("imgx_train")
     user_error = getattr(train_module, "UserError", None)
     if isinstance(user_error, type):
