@@ -82,7 +82,8 @@ def test_seg_2d_predict_resume_info(workdir, capsys):
     assert label.shape == (90, 96)
     np.testing.assert_allclose(written.spacing, (0.9, 1.1), rtol=1e-6)
     imgx("train", "--resume", run, "--steps", 6, "--no-test")
-    steps = [json.loads(x)["step"] for x in (run / "metrics/train.jsonl").read_text().split("\n") if x]
+    lines = (run / "metrics/train.jsonl").read_text().splitlines()
+    steps = [json.loads(line)["step"] for line in lines]
     assert steps == list(range(1, 7))
     capsys.readouterr()
     imgx("info", "--run", run)
