@@ -24,6 +24,9 @@ def initialize_distributed() -> None:
     if jax.distributed.is_initialized():
         return
     address = os.environ.get("IMGX_COORDINATOR_ADDRESS")
+    if address or os.environ.get("IMGX_DISTRIBUTED") == "1":
+        # Collectives between CPU processes (ignored by GPU/TPU backends).
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if address:
         jax.distributed.initialize(
             coordinator_address=address,
@@ -60,6 +63,20 @@ def data_mesh() -> Mesh:
     return jax.make_mesh(
         (jax.device_count(),), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,)
     )
+
+
+def host_local(tree):
+    """A replicated pytree as arrays of this process's first device.
+
+    Evaluation runs per process on host data; its inputs are local, so the parameters
+    must be local too (a global array spans devices of other hosts).
+    """
+    return jax.tree.map(lambda x: x.addressable_data(0) if isinstance(x, jax.Array) else x, tree)
+
+
+def is_main_process() -> bool:
+    """Process 0 writes the run's files (logs, config, plots); all processes train."""
+    return jax.process_index() == 0
 
 
 def compute_dtype(name: str) -> jnp.dtype:

@@ -146,7 +146,7 @@ class Validator:
         self.mesh = mesh
 
     def run(self, state: dict[str, Any], step: int) -> dict[str, float]:
-        params = state.get("ema", state["params"])
+        params = devices.host_local(state.get("ema", state["params"]))
         rows = []
         for example, probs in iterate_cases(
             self.task,

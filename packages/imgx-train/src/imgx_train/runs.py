@@ -33,7 +33,7 @@ def prepare(run_dir: Path) -> None:
     try:
         for sub in ("metrics", "plots"):
             (run_dir / sub).mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write_test"
+        probe = run_dir / f".write_test-{os.getpid()}"
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
@@ -73,17 +73,20 @@ def _json_value(value: Any) -> Any:
 class JsonlWriter:
     """Appends one JSON object per line; each line is flushed so a crash keeps the rest."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, enabled: bool = True):
         self.path = path
+        self.enabled = enabled
 
     def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         line = json.dumps({k: _json_value(v) for k, v in record.items()})
         with self.path.open("a") as f:
             f.write(line + "\n")
 
     def truncate_after(self, step: int) -> None:
         """Drops records past `step` (a resumed run rewrites them)."""
-        if not self.path.exists():
+        if not self.enabled or not self.path.exists():
             return
         kept = [r for r in read_jsonl(self.path) if r.get("step", 0) <= step]
         tmp = self.path.with_suffix(".tmp")

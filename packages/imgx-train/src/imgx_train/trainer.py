@@ -171,9 +171,10 @@ def init_state(cfg: config_lib.Config, task: tasks.Task, tx) -> dict[str, Any]:
 class _Progress:
     """tqdm on a terminal, plain periodic lines otherwise."""
 
-    def __init__(self, enabled: bool, start: int, total: int):
+    def __init__(self, bar: bool, start: int, total: int, enabled: bool = True):
         self.bar = None
-        if enabled and sys.stdout.isatty():
+        self.enabled = enabled
+        if enabled and bar and sys.stdout.isatty():
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
@@ -184,7 +185,7 @@ class _Progress:
             self.bar.update(n)
             if record is not None:
                 self.bar.set_postfix(loss=f"{record['loss']:.4f}")
-        elif record is not None:
+        elif record is not None and self.enabled:
             print(
                 f"step {step}/{self.total} loss {record['loss']:.4f} "
                 f"{record.get('steps_per_s', 0):.2f} it/s",
@@ -218,9 +219,10 @@ def resume(run_dir: str | Path, *, steps: int | None = None) -> Path:
 def _run(cfg: config_lib.Config, run_dir: Path, resuming: bool = False) -> Path:
     devices.setup(cfg)
     info = imgx_data.ensure_built(cfg.data.name, data_dir=cfg.data.data_dir)
+    main = devices.is_main_process()
     runs.prepare(run_dir)
-    config_lib.save(cfg, run_dir / "config.json")
-    if jax.process_index() == 0:
+    if main:
+        config_lib.save(cfg, run_dir / "config.json")
         runs.point_latest(run_dir)
 
     mesh = devices.data_mesh()
@@ -230,7 +232,9 @@ def _run(cfg: config_lib.Config, run_dir: Path, resuming: bool = False) -> Path:
     num_micro = accumulation_steps(
         cfg.data.global_batch_size, mesh.size, cfg.data.max_batch_per_device
     )
-    state = jax.device_put(init_state(cfg, task, tx), replicated)
+    # Built inside jit so that each process creates its part of the replicated global
+    # arrays (device_put cannot target devices of other hosts).
+    state = jax.jit(lambda: init_state(cfg, task, tx), out_shardings=replicated)()
     train_source = imgx_data.data_source(cfg.data.name, "train", data_dir=cfg.data.data_dir)
     iterator = imgx_data.TrainIterator(
         train_source,
@@ -240,15 +244,16 @@ def _run(cfg: config_lib.Config, run_dir: Path, resuming: bool = False) -> Path:
     )
     stopper = EarlyStopping(cfg.train.early_stopping_patience, cfg.train.early_stopping_min_delta)
     mngr = ckpt_lib.manager(run_dir, keep=cfg.train.keep_checkpoints)
-    train_log = runs.JsonlWriter(run_dir / "metrics" / "train.jsonl")
-    valid_log = runs.JsonlWriter(run_dir / "metrics" / "valid.jsonl")
+    train_log = runs.JsonlWriter(run_dir / "metrics" / "train.jsonl", enabled=main)
+    valid_log = runs.JsonlWriter(run_dir / "metrics" / "valid.jsonl", enabled=main)
 
     start = 0
     if resuming and mngr.all_steps():
         start, state, meta = ckpt_lib.restore(mngr, None, state)
         iterator.set_state(meta["iterator"])
         stopper.load_json(meta["early_stopping"])
-        print(f"resumed {run_dir} at step {start}", flush=True)
+        if main:
+            print(f"resumed {run_dir} at step {start}", flush=True)
     train_log.truncate_after(start)
     valid_log.truncate_after(start)
 
@@ -265,7 +270,7 @@ def _run(cfg: config_lib.Config, run_dir: Path, resuming: bool = False) -> Path:
     def meta() -> dict[str, Any]:
         return {"iterator": iterator.get_state(), "early_stopping": stopper.to_json()}
 
-    progress = _Progress(cfg.logging.progress, start, cfg.train.steps)
+    progress = _Progress(cfg.logging.progress, start, cfg.train.steps, enabled=main)
     step, last_time, last_step = start, time.perf_counter(), start
     pending: list[tuple[int, dict[str, jax.Array]]] = []
     try:
@@ -315,11 +320,12 @@ def _run(cfg: config_lib.Config, run_dir: Path, resuming: bool = False) -> Path:
     mngr.close()
     if wandb_run is not None:
         wandb_run.finish()
-    reports.plot_curves(
-        run_dir / "plots" / "curves.png",
-        runs.read_jsonl(run_dir / "metrics" / "train.jsonl"),
-        runs.read_jsonl(run_dir / "metrics" / "valid.jsonl"),
-    )
+    if main:
+        reports.plot_curves(
+            run_dir / "plots" / "curves.png",
+            runs.read_jsonl(run_dir / "metrics" / "train.jsonl"),
+            runs.read_jsonl(run_dir / "metrics" / "valid.jsonl"),
+        )
     return run_dir
 
 
