@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -82,6 +84,17 @@ def accumulation_steps(global_batch: int, num_devices: int, max_per_device: int 
     while per_device % steps:
         steps += 1
     return steps
+
+
+def _fault_point(point: str, step: int) -> None:
+    """Test hook: `IMGX_FAULT_INJECTION=<point>:<step>` kills the process right there.
+
+    Points: `step` (after the update of that step) and `save` (while that step's
+    checkpoint is being written in the background). Used by the fault-tolerance tests to
+    stop at a fixed point instead of a random time.
+    """
+    if os.environ.get("IMGX_FAULT_INJECTION") == f"{point}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def make_train_step(
@@ -218,9 +231,9 @@ def resume(run_dir: str | Path, *, steps: int | None = None) -> Path:
 
 def _run(cfg: config_lib.Config, run_dir: Path, resuming: bool = False) -> Path:
     devices.setup(cfg)
-    info = imgx_data.ensure_built(cfg.data.name, data_dir=cfg.data.data_dir)
     main = devices.is_main_process()
     runs.prepare(run_dir)
+    info = imgx_data.ensure_built(cfg.data.name, data_dir=cfg.data.data_dir)
     if main:
         config_lib.save(cfg, run_dir / "config.json")
         runs.point_latest(run_dir)
@@ -298,6 +311,8 @@ def _run(cfg: config_lib.Config, run_dir: Path, resuming: bool = False) -> Path:
                 stop = stopper.update(valid_dice, step)
             if valid_dice is not None or step % cfg.train.checkpoint_every == 0:
                 ckpt_lib.save(mngr, step, state, meta(), valid_dice=valid_dice)
+                _fault_point("save", step)
+            _fault_point("step", step)
             if stop:
                 print(
                     f"early stopping at step {step}: no improvement of the validation Dice "
@@ -349,8 +364,6 @@ def _init_wandb(cfg: config_lib.Config, run_dir: Path, resuming: bool):
     mode = cfg.logging.wandb
     if mode == "disabled" or jax.process_index() != 0:
         return None
-    import os
-
     import wandb
 
     if mode == "online" and not (os.environ.get("WANDB_API_KEY") or _wandb_logged_in()):
