@@ -67,7 +67,7 @@ def run(quick: bool) -> dict[str, float]:
             label,
             target_spacing=(1.5, 1.5, 5.0),
             target_shape=(192, 128, 128),
-            intensity_range=(-991.0, 362.0),
+            intensity=(-991.0, 362.0),
         )
     )
     example = case.to_example("ct")

@@ -285,7 +285,6 @@ def _run(cfg: config_lib.Config, run_dir: Path, resuming: bool = False) -> Path:
 
     progress = _Progress(cfg.logging.progress, start, cfg.train.steps, enabled=main)
     step, last_time, last_step = start, time.perf_counter(), start
-    pending: list[tuple[int, dict[str, jax.Array]]] = []
     try:
         while step < cfg.train.steps:
             batch = next(iterator)
@@ -293,11 +292,13 @@ def _run(cfg: config_lib.Config, run_dir: Path, resuming: bool = False) -> Path:
             step += 1
             record = None
             if step % cfg.logging.log_every == 0 or step == cfg.train.steps:
-                pending.append((step, metrics))
-                record = _flush_logs(pending, train_log, wandb_run, schedule)
+                record = _log_record(step, metrics, schedule)  # waits for the step
                 now = time.perf_counter()
                 record["steps_per_s"] = (step - last_step) / max(now - last_time, 1e-9)
                 last_time, last_step = now, step
+                train_log.write(record)
+                if wandb_run is not None:
+                    wandb_run.log({f"train/{k}": v for k, v in record.items()}, step=step)
             progress.update(step, 1, record)
 
             valid_dice = None
@@ -344,18 +345,12 @@ def _run(cfg: config_lib.Config, run_dir: Path, resuming: bool = False) -> Path:
     return run_dir
 
 
-def _flush_logs(pending, writer: runs.JsonlWriter, wandb_run, schedule) -> dict[str, Any]:
-    """Brings the logged steps' metrics to the host (the only host sync of the loop)."""
-    record: dict[str, Any] = {}
-    for step, metrics in pending:
-        values = jax.device_get(metrics)
-        record = {"step": step, "lr": float(schedule(step - 1))}
-        record.update({k: float(np.asarray(v)) for k, v in values.items()})
-        record["skipped"] = int(record["skipped"])
-        writer.write(record)
-        if wandb_run is not None:
-            wandb_run.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=step)
-    pending.clear()
+def _log_record(step: int, metrics: dict[str, jax.Array], schedule) -> dict[str, Any]:
+    """Brings a logged step's metrics to the host (the only host sync of the loop)."""
+    values = jax.device_get(metrics)
+    record = {"step": step, "lr": float(schedule(step - 1))}
+    record.update({k: float(np.asarray(v)) for k, v in values.items()})
+    record["skipped"] = int(record["skipped"])
     return record
 
 
