@@ -195,9 +195,7 @@ def restore_run(run_dir: str | Path, checkpoint: str | int = "best") -> Restored
         if record.get("dice") is not None and (best is None or record["dice"] > best[1]):
             best = (record["step"], record["dice"])
     step = ckpt_lib.select_step(mngr, checkpoint, best[0] if best else None)
-    from imgx_train.trainer import init_state  # the state layout lives with the loop
-
-    target = init_state(cfg, task, optim.optimizer(cfg.optimizer))
+    target = tasks.init_state(cfg, task, optim.optimizer(cfg.optimizer))
     step, state, _ = ckpt_lib.restore(mngr, step, target)
     mngr.close()
     params = state.get("ema", state["params"])

@@ -220,3 +220,19 @@ class Task:
     @functools.cached_property
     def class_names(self) -> list[str]:
         return list(self.info.class_names)
+
+
+def init_state(cfg: config_lib.Config, task: Task, tx) -> dict[str, Any]:
+    """The train state pytree: step, key, params, optimizer state, task state, EMA."""
+    init_key, step_key = jax.random.split(jax.random.key(cfg.train.seed))
+    params = task.init_params(init_key)
+    state = {
+        "step": jnp.asarray(0, jnp.int32),
+        "key": step_key,
+        "params": params,
+        "opt_state": tx.init(params),
+        "aux": task.init_aux(),
+    }
+    if cfg.optimizer.ema_decay is not None:
+        state["ema"] = jax.tree.map(jnp.copy, params)
+    return state

@@ -30,6 +30,7 @@ import imgx_data
 from imgx_train import checkpoint as ckpt_lib
 from imgx_train import config as config_lib
 from imgx_train import devices, evaluation, optim, reports, runs, tasks
+from imgx_train.tasks import init_state
 
 logger = logging.getLogger(__name__)
 
@@ -163,22 +164,6 @@ def make_train_step(
         return new_state, metrics
 
     return step_fn
-
-
-def init_state(cfg: config_lib.Config, task: tasks.Task, tx) -> dict[str, Any]:
-    key = jax.random.key_data(jax.random.key(cfg.train.seed))
-    init_key, step_key = jax.random.split(jax.random.wrap_key_data(key))
-    params = task.init_params(init_key)
-    state = {
-        "step": jnp.asarray(0, jnp.int32),
-        "key": step_key,
-        "params": params,
-        "opt_state": tx.init(params),
-        "aux": task.init_aux(),
-    }
-    if cfg.optimizer.ema_decay is not None:
-        state["ema"] = jax.tree.map(jnp.copy, params)
-    return state
 
 
 class _Progress:
