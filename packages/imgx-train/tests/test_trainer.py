@@ -179,3 +179,44 @@ def test_corrupted_latest_checkpoint_falls_back(seg_run, tmp_path, caplog):
     step, _, meta = ckpt_lib.restore(mngr, None, target)
     assert step < latest
     assert "iterator" in meta
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(data_dir, seg_run, tmp_path, monkeypatch):
+    """KeyboardInterrupt at step 3 of 4: a checkpoint of step 3, then resume equals straight."""
+    original = imgx_data.TrainIterator.__next__
+
+    def interrupt_before_step_4(self):
+        if self.step == 3:
+            raise KeyboardInterrupt
+        return original(self)
+
+    monkeypatch.setattr(imgx_data.TrainIterator, "__next__", interrupt_before_step_4)
+    cfg = config_lib.load(seg_run / "config.json")
+    with pytest.raises(trainer.TrainingInterrupted, match="imgx train --resume") as info:
+        trainer.train(cfg, run_dir=tmp_path / "interrupted")
+    assert info.value.step == 3
+    assert 3 in ckpt_lib.manager(tmp_path / "interrupted", read_only=True).all_steps()
+    monkeypatch.setattr(imgx_data.TrainIterator, "__next__", original)
+    trainer.resume(tmp_path / "interrupted")
+    for a, b in zip(
+        jax.tree.leaves(_params(seg_run)),
+        jax.tree.leaves(_params(tmp_path / "interrupted")),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_ema_of_parameters(data_dir):
+    """With decay d the EMA after one update is d·θ₀ + (1 − d)·θ₁."""
+    cfg, task, tx, batch = _step_setup(data_dir, "optimizer.ema_decay=0.75")
+    initial = trainer.init_state(cfg, task, tx)
+    new_state, _ = _run_step(cfg, task, tx, batch, jax.devices()[:1])
+    for e, p0, p1 in zip(
+        jax.tree.leaves(new_state["ema"]),
+        jax.tree.leaves(initial["params"]),
+        jax.tree.leaves(new_state["params"]),
+        strict=True,
+    ):
+        np.testing.assert_allclose(
+            np.asarray(e), 0.75 * np.asarray(p0) + 0.25 * np.asarray(p1), rtol=1e-6, atol=1e-7
+        )
