@@ -22,7 +22,7 @@ ALLOWED = {
         "simpleitk", "scikit-image", "etils",
     },
     "imgx-train": {
-        "imgx-diffusion", "imgx-nets", "imgx-data", "jax", "chex", "optax",
+        "imgx-diffusion", "imgx-nets", "imgx-data", "jax", "flax", "chex", "optax",
         "orbax-checkpoint", "wandb", "scipy", "matplotlib", "tqdm", "numpy",
     },
     "imgx-cli": {"imgx-train", "imgx-data", "fire"},

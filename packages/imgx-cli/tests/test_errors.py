@@ -4,8 +4,12 @@ import fire
 import pytest
 
 import imgx_data.errors
+import imgx_data.registry
+import imgx_train
 from imgx_cli import argv as argv_lib
 from imgx_cli import commands
+from imgx_cli import main as main_lib
+from imgx_train.checkpoint import CheckpointError
 
 
 @pytest.mark.parametrize(
@@ -70,29 +74,68 @@ def test_dataset_errors_from_the_back_end_are_one_line(api, imgx, one_line_error
     one_line_error(code, err, "imgx build amos_ct --manual-dir DIR")
 
 
+def test_unbuilt_dataset_gives_the_real_build_command(imgx, one_line_error, tmp_path, monkeypatch):
+    """Nothing faked: imgx_train.train meets the empty data dir and imgx_data says what to run."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("IMGX_DATA_DIR", str(tmp_path / "data"))
+    expected = imgx_data.registry.build_command("amos_ct")
+    code, _, err = imgx("train", "--data", "amos_ct", "--preset", "debug", "--set",
+                        "logging.wandb=disabled", "--no-test")  # fmt: skip
+    one_line_error(code, err, "'amos_ct' is not built", expected)
+    assert expected.startswith("imgx build amos_ct --manual-dir DIR")
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("config.json"))
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        imgx_data.errors.DatasetError("bad raw file a.nii.gz"),
+        imgx_train.ConfigError("unknown config key 'x'"),
+        imgx_train.RunError("run directory runs/x does not exist"),
+        CheckpointError("no checkpoint in runs/x"),
+        FileExistsError("runs/x already holds a run"),
+    ],
+    ids=lambda e: type(e).__name__,
+)
+def test_back_end_user_errors_are_one_line(api, imgx, one_line_error, error):
+    api.train_error = error
+    code, _, err = imgx("train")
+    one_line_error(code, err, str(error))
+
+
 def test_multi_line_messages_are_joined(api, imgx, one_line_error):
-    api.train_error = FileNotFoundError("first line\n  second line")
+    api.train_error = imgx_train.RunError("first line\n  second line")
     code, _, err = imgx("train")
     one_line_error(code, err, "first line second line")
 
 
 def test_imgx_debug_shows_the_traceback(api, imgx, monkeypatch):
     monkeypatch.setenv("IMGX_DEBUG", "1")
-    api.train_error = ValueError("boom")
-    with pytest.raises(ValueError, match="boom"):
+    api.train_error = imgx_train.ConfigError("boom")
+    with pytest.raises(imgx_train.ConfigError, match="boom"):
         imgx("train")
 
 
-def test_programming_errors_are_not_hidden(api, imgx):
-    api.train_error = TypeError("a bug")
-    with pytest.raises(TypeError):
+@pytest.mark.parametrize(
+    "error",
+    [TypeError("a bug"), ValueError("a bug"), FileNotFoundError("a bug"), KeyError("a bug")],
+    ids=lambda e: type(e).__name__,
+)
+def test_programming_errors_are_not_hidden(api, imgx, error):
+    """Only the project's user-error types become one line; a bare ValueError is a bug."""
+    api.train_error = error
+    with pytest.raises(type(error), match="a bug"):
         imgx("train")
 
 
 def test_fire_errors_that_pass_the_checks_are_one_line(imgx, one_line_error, monkeypatch):
     """Fire's own usage screen is reduced to one line (here Fire cannot use a flag)."""
+    display, display_error = fire.core.Display, fire.core._DisplayError
     monkeypatch.setitem(commands.COMMANDS, "echo", lambda: None)
     monkeypatch.setattr(argv_lib, "normalize", lambda words, _: list(words))
     code, _, err = imgx("echo", "--bogus=1")
     one_line_error(code, err, "Could not consume arg: --bogus=1")
-    assert fire.core.Display is not None  # restored, not left patched
+    # Fire's own functions are back in place, not left patched.
+    assert fire.core.Display is display
+    assert fire.core._DisplayError is display_error
+    assert display is not main_lib._display and display_error is not main_lib._display_error

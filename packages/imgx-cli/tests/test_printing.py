@@ -1,5 +1,7 @@
 """Text rendering of configs and tables."""
 
+import dataclasses
+
 from imgx_cli import printing
 from imgx_train import config as config_lib
 
@@ -38,3 +40,35 @@ def test_cells():
     assert printing.cell([4, 7]) == "4, 7"
     assert printing.cell((96, 96, 1.5)) == "96x96x1.5"
     assert printing.key_values({"a": 1, "long": "x"}) == ["a:    1", "long: x"]
+
+
+def _parse_sections(lines):
+    """`config_sections` output back to `{"section.field": "value text"}`."""
+    parsed, section = {}, None
+    for line in lines:
+        words = line.split()
+        if not line.startswith("   "):  # a section's first line: two spaces, then its name
+            section, words = words[0], words[1:]
+        for word in words:
+            field, _, value = word.partition("=")
+            parsed[f"{section}.{field}"] = value
+    return parsed
+
+
+def test_config_sections_print_every_field_with_its_value():
+    cfg = config_lib.replace(
+        config_lib.Config(), {"model.num_channels": [4, 8], "train.max_valid_cases": 3}
+    )
+    lines = printing.config_sections(cfg, width=80)
+    assert all(len(line) <= 80 for line in lines), lines
+    expected = {
+        key: printing._config_value(value)
+        for key, value in printing.flatten(printing.as_plain(cfg)).items()
+    }
+    assert _parse_sections(lines) == expected
+    assert expected["model.num_channels"] == "[4,8]"
+    assert expected["train.max_valid_cases"] == "3"
+    assert expected["data.data_dir"] == "null"
+    # Section order is the config's; every section starts a block.
+    heads = [line.split()[0] for line in lines if not line.startswith("   ")]
+    assert heads == [f.name for f in dataclasses.fields(config_lib.Config)]

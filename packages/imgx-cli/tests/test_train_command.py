@@ -3,6 +3,8 @@
 from pathlib import Path
 
 import imgx_train
+from imgx_cli import printing
+from imgx_train import config as config_lib
 
 
 def test_flags_reach_the_config(api, imgx):
@@ -19,6 +21,22 @@ def test_flags_reach_the_config(api, imgx):
     assert cfg.model.num_channels == (16, 32, 64)
     assert kwargs == {"run_dir": None}
     assert "train.steps" in out and "optimizer.peak_lr" in out  # the printed changes
+
+
+def test_the_whole_resolved_config_is_printed_at_the_start(api, imgx):
+    code, out, _ = imgx("train", "--preset", "debug", "--set", "optimizer.peak_lr=1e-4")
+    assert code == 0
+    (cfg,), _ = api.call("train")
+    head, rest = out.split("config (resolved; saved as <run>/config.json):\n", 1)
+    assert head.startswith("imgx train: data=phantom task=diffusion strategy=recycle_last")
+    block, changes = rest.split("changes from the defaults:\n", 1)
+    assert block.splitlines() == printing.config_sections(cfg)
+    printed = " ".join(block.split())
+    for key in config_lib.flatten(cfg):
+        field = key.split(".")[1]
+        assert f" {field}=" in f" {printed}", key
+    assert "peak_lr=0.0001" in printed and "num_channels=[4,8,16]" in printed
+    assert "  optimizer.peak_lr" in changes
 
 
 def test_named_flags_and_dashed_or_underscored_spellings(api, imgx, tmp_path):

@@ -196,7 +196,8 @@ def _print_config(cfg: Any) -> None:
         + (f" strategy={cfg.diffusion.strategy}" if cfg.train.task == "diffusion" else "")
         + f" steps={cfg.train.steps} batch={cfg.data.global_batch_size} seed={cfg.train.seed}"
     )
-    _echo(head, "config (changes from the defaults; all saved in <run>/config.json):")
+    _echo(head, "config (resolved; saved as <run>/config.json):", *printing.config_sections(cfg))
+    _echo("changes from the defaults:")
     _echo(*(printing.config_changes(cfg, config_lib.Config()) or ["  (none)"]))
 
 

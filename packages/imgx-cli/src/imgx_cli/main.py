@@ -2,7 +2,8 @@
 
 Exit codes: 0 done (and help), 1 some inputs of `imgx predict` failed, 2 a user error
 (bad command line, unknown dataset or config key, missing run, absent GPU), 130
-interrupted. `IMGX_DEBUG=1` shows the traceback of a user error.
+interrupted. `IMGX_DEBUG=1` shows the traceback of a user error. Any other exception is
+a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -22,18 +23,29 @@ from imgx_cli import commands
 PROG = "imgx"
 
 
+# The back ends' user-error classes, as (module, class) names. They are looked up in
+# `sys.modules` when an error arrives: an error of one of them means its module is loaded,
+# and `imgx --help` does not have to import JAX to know them.
+_BACK_END_USER_ERRORS = (
+    ("imgx_data.errors", "DatasetError"),  # unknown / unbuilt dataset, bad raw files
+    ("imgx_train.config", "ConfigError"),  # unknown config key, preset or value
+    ("imgx_train.runs", "RunError"),  # missing or unwritable run directory
+    ("imgx_train.checkpoint", "CheckpointError"),  # no usable checkpoint
+)
+
+
 def _user_error_types() -> tuple[type[BaseException], ...]:
-    """Errors whose message is the whole story: a config key, dataset, file or choice."""
-    types: list[type[BaseException]] = [
-        argv_lib.UsageError,
-        ValueError,
-        FileNotFoundError,
-        FileExistsError,
-    ]
-    train_module = sys.modules.get("imgx_train")
-    user_error = getattr(train_module, "UserError", None)
-    if isinstance(user_error, type):
-        types.append(user_error)
+    """Errors whose message is the whole story: a command line, dataset, key, run or file.
+
+    Only the project's own error types and `FileExistsError` (a run directory that already
+    holds a run); any other exception, a bare ValueError included, is a bug and keeps its
+    traceback.
+    """
+    types: list[type[BaseException]] = [argv_lib.UsageError, FileExistsError]
+    for module_name, class_name in _BACK_END_USER_ERRORS:
+        error_type = getattr(sys.modules.get(module_name), class_name, None)
+        if isinstance(error_type, type) and issubclass(error_type, BaseException):
+            types.append(error_type)
     return tuple(types)
 
 

@@ -39,6 +39,30 @@ def config_changes(config: Any, defaults: Any) -> list[str]:
     return [f"  {key:<{width}} = {_config_value(value)}" for key, value in changed.items()]
 
 
+def config_sections(config: Any, width: int = 100) -> list[str]:
+    """Every field of `config`, one block per section: `  data   name=phantom ...`.
+
+    The values are written as `--set` reads them (`[8,16,32]`, `null`), and a block wraps
+    at `width` columns with its continuation lines under the first field.
+    """
+    sections: dict[str, list[str]] = {}
+    for key, value in flatten(as_plain(config)).items():
+        section, _, field = key.partition(".")
+        sections.setdefault(section, []).append(f"{field}={_config_value(value)}")
+    indent = 2 + max((len(section) for section in sections), default=0) + 2
+    lines: list[str] = []
+    for section, fields in sections.items():
+        line = f"  {section:<{indent - 4}}  "
+        for i, field in enumerate(fields):
+            if i and len(line) + 1 + len(field) > width:
+                lines.append(line)
+                line = " " * indent + field
+            else:
+                line += (" " if i else "") + field
+        lines.append(line)
+    return lines
+
+
 def _config_value(value: Any) -> str:
     """As `--set` takes it: `[8,16,32]`, `null`, `0.0001`, `recycle_last`."""
     return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
