@@ -6,7 +6,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from scipy import stats
 
 import imgx_diffusion as idf
 
@@ -14,6 +13,24 @@ BETAS = idf.beta_schedule("linear", 1001)
 BASE = idf.GaussianDiffusion.from_betas(BETAS)
 DIFF = BASE.respace(5)
 SHAPE = (5, 4, 4, 3)
+N_MC = 40000  # Monte Carlo draws; tolerances below are 5 standard errors of this size
+
+
+def _normal_log_cdf(z):
+    """log Φ(z) with the standard library only (no scipy dependency)."""
+    return math.log(0.5 * math.erfc(-z / math.sqrt(2.0)))
+
+
+def _assert_gaussian_moments(samples, mean, var, other_var=None):
+    """Sample mean and variance within 5 standard errors of N(mean, var) — σ/√n for the mean,
+    σ²√(2/(n−1)) for the sample variance — and, if given, other_var rejected."""
+    samples = np.asarray(samples, dtype=np.float64).ravel()
+    n = samples.size
+    tol_var = 5.0 * var * math.sqrt(2.0 / (n - 1))
+    assert abs(samples.mean() - mean) < 5.0 * math.sqrt(var / n)
+    assert abs(samples.var(ddof=1) - var) < tol_var
+    if other_var is not None:  # the test can tell the two variances apart
+        assert abs(samples.var(ddof=1) - other_var) > tol_var
 
 
 def _x0(key=0):
@@ -110,15 +127,47 @@ def test_ddim_eta0_with_oracle_returns_x0_exactly():
     np.testing.assert_allclose(x, x0, atol=1e-5)
 
 
-def test_ddpm_with_oracle_converges_to_x0():
+@pytest.mark.parametrize("variance", ["fixed_small", "fixed_large"])
+def test_ddpm_step_has_posterior_mean_and_fixed_variance(variance):
+    # One ancestral step at t > 0 against its closed form, by Monte Carlo.
+    diff = idf.GaussianDiffusion.from_betas(BETAS, variance=variance).respace(5)
+    betas, a = np.asarray(diff.betas), np.asarray(diff.alphas_cumprod)
+    x0_value, xt_value = 0.6, -0.3
+    x0, xt = jnp.full((N_MC, 1), x0_value), jnp.full((N_MC, 1), xt_value)
+    for k in (1, 2, 3):
+        coef_x0 = betas[k] * math.sqrt(a[k - 1]) / (1 - a[k])
+        coef_xt = math.sqrt(1 - betas[k]) * (1 - a[k - 1]) / (1 - a[k])
+        mean = coef_x0 * x0_value + coef_xt * xt_value
+        small, large = betas[k] * (1 - a[k - 1]) / (1 - a[k]), betas[k]
+        var, other = (small, large) if variance == "fixed_small" else (large, small)
+        t = jnp.full((N_MC,), k)
+        np.testing.assert_allclose(jnp.exp(diff.p_log_variance(t[:1], x0[:1])), var, rtol=1e-5)
+        samples = diff.ddpm_step(jax.random.key(20 + k), x0, xt, t)
+        _assert_gaussian_moments(samples, mean, var, other)
+    # t = 0 adds no noise: the step is the posterior mean, x̂_0 itself (an oracle's x_0).
     x0 = _x0()
-    key = jax.random.key(7)
-    x = jax.random.normal(key, SHAPE)
-    for k in range(4, -1, -1):
-        key, sub = jax.random.split(key)
-        x = DIFF.ddpm_step(sub, x0, x, jnp.full((SHAPE[0],), k))
-    # The last step (t = 0) is the noiseless posterior mean, which is x̂_0 itself.
-    np.testing.assert_allclose(x, x0, atol=1e-5)
+    t0 = jnp.zeros((SHAPE[0],), jnp.int32)
+    xt = jax.random.normal(jax.random.key(7), SHAPE)
+    np.testing.assert_allclose(diff.ddpm_step(jax.random.key(8), x0, xt, t0), x0, atol=1e-5)
+
+
+def test_ddpm_step_uses_the_learned_variance():
+    # learned_range: the spread of x_{t−1} follows the model's log variance, not a fixed one.
+    learned = idf.GaussianDiffusion.from_betas(BETAS, variance="learned_range").respace(5)
+    k = 2
+    betas, a = np.asarray(learned.betas), np.asarray(learned.alphas_cumprod)
+    small = betas[k] * (1 - a[k - 1]) / (1 - a[k])
+    x0, xt = jnp.full((N_MC, 1), 0.6), jnp.full((N_MC, 1), -0.3)
+    t = jnp.full((N_MC,), k)
+    mean = learned.q_posterior_mean_variance(x0[:1], xt[:1], t[:1])[0][0, 0]
+    variances = []
+    for u in (-1.0, 0.0, 1.0):
+        frac = (u + 1) / 2
+        var = math.exp(frac * math.log(betas[k]) + (1 - frac) * math.log(small))
+        log_var = learned.learned_log_variance(jnp.full((N_MC, 1), u), t)
+        samples = learned.ddpm_step(jax.random.key(30), x0, xt, t, log_variance=log_var)
+        _assert_gaussian_moments(samples, float(mean), var, variances[-1] if variances else None)
+        variances.append(var)
 
 
 def test_ddim_eta1_noise_has_posterior_variance():
@@ -140,6 +189,28 @@ def test_ddim_eta1_noise_has_posterior_variance():
     assert float(deterministic[0, 0]) == pytest.approx(
         math.sqrt(a_prev) * 0.3 + math.sqrt(1 - a_prev) * eps, rel=1e-5
     )
+
+
+def test_ddim_step_takes_a_traced_eta():
+    x0, xt = jnp.full((N_MC, 1), 0.3), jnp.full((N_MC, 1), -0.2)
+    t = jnp.full((N_MC,), 3)
+    key = jax.random.key(8)
+    traces = []
+
+    @jax.jit
+    def step(eta):
+        traces.append(None)
+        return DIFF.ddim_step(key, x0, xt, t, eta)
+
+    for eta in (0.0, 0.5, 1.0):
+        np.testing.assert_allclose(step(eta), DIFF.ddim_step(key, x0, xt, t, eta), atol=1e-5)
+    assert len(traces) == 1  # one compile for every eta
+    # A traced eta = 0 is the deterministic step; a traced eta > 0 has σ² = eta² σ̃².
+    np.testing.assert_allclose(step(0.0), DIFF.ddim_step(None, x0, xt, t), atol=1e-5)
+    var = 0.25 * float(DIFF.posterior_variance[3])
+    assert float(jnp.var(step(0.5))) == pytest.approx(var, rel=5 * math.sqrt(2 / (N_MC - 1)))
+    with pytest.raises(ValueError, match="PRNG key"):
+        DIFF.ddim_step(None, x0, xt, t, jnp.float32(0.0))
 
 
 def test_dpm_solver_2m_step():
@@ -180,8 +251,11 @@ def test_variational_bound_closed_forms_and_gradient_only_into_variance():
     np.testing.assert_allclose(vlb[1:], 0.0, atol=1e-5)
     # t = 0: −log Φ(x_0 μ/σ) with μ = x̂_0 (the posterior mean at t = 0), in bits.
     sigma = math.sqrt(DIFF.posterior_variance[1])
-    expected = -stats.norm.logcdf(1.0 / sigma) / math.log(2.0)
+    expected = -_normal_log_cdf(1.0 / sigma) / math.log(2.0)
     assert float(vlb[0]) == pytest.approx(expected, rel=1e-4)
+    # ... and where it is far from 0: μ = 0.5 x_0, σ = 0.5, so −log Φ(1) nats per voxel.
+    wide = learned.variational_bound(x0, xt, t, 0.5 * x0, jnp.full(SHAPE, math.log(0.25)))
+    assert float(wide[0]) == pytest.approx(-_normal_log_cdf(1.0) / math.log(2.0), rel=1e-5)
     # A wrong x̂_0 with a larger variance, by hand for t = 2.
     x0_pred = 0.5 * x0
     log_var = learned.learned_log_variance(jnp.zeros(SHAPE), t)

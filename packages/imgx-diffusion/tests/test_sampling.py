@@ -96,13 +96,34 @@ def test_sampler_matches_a_loop_of_steps(sampler):
 
 
 def test_learned_range_sampling_uses_the_model_variance():
+    # The model's variance output u sets the noise of each ancestral step: the sample equals a
+    # loop of ddpm_step with log_variance = learned_log_variance(u, t), and u = ±1 differ.
     learned = idf.GaussianDiffusion.from_betas(BETAS, variance="learned_range").respace(5)
+    params = toy.init_params(jax.random.key(12), 1, NUM_CLASSES, NUM_CLASSES)
+    key = jax.random.key(7)
+    key_start, key_loop = jax.random.split(key)
+    step_keys = jax.random.split(key_loop, 5)
 
-    def model_fn(image, mask_input, t, key):
-        return jnp.concatenate([PATTERN, jnp.ones_like(PATTERN)], axis=-1)
+    @jax.jit
+    def sample(u):  # one compile for both values of u
+        def model_fn(image, mask_input, t, key):
+            logits = toy.apply(params, image, mask_input, t)
+            return jnp.concatenate([logits, jnp.full_like(logits, u)], axis=-1)
 
-    logits = idf.sample(learned, model_fn, jax.random.key(7), IMAGE, num_classes=NUM_CLASSES)
-    np.testing.assert_allclose(logits[..., -1], PATTERN)
+        return idf.sample(learned, model_fn, key, IMAGE, num_classes=NUM_CLASSES)
+
+    results = {}
+    for u in (-1.0, 1.0):
+        logits = sample(u)
+        x = jax.random.normal(key_start, PATTERN.shape)
+        for i, k in enumerate(range(4, -1, -1)):
+            t = jnp.full((2,), k)
+            step_logits = toy.apply(params, IMAGE, idf.mask_from_x(x), learned.model_time(t))
+            np.testing.assert_allclose(logits[..., i], step_logits, rtol=1e-4, atol=1e-4)
+            log_var = learned.learned_log_variance(jnp.full(PATTERN.shape, u), t)
+            x = learned.ddpm_step(step_keys[i], idf.x0_from_logits(step_logits), x, t, log_var)
+        results[u] = logits
+    assert float(jnp.max(jnp.abs(results[1.0][..., 1:] - results[-1.0][..., 1:]))) > 1e-2
 
 
 def test_ensemble_from_probabilities_closed_forms():

@@ -1,6 +1,7 @@
 """Training strategies: inputs of each pass, gradient stopping, jit and a 2-device mesh."""
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -110,11 +111,83 @@ def test_self_cond_same_condition_and_times():
     np.testing.assert_allclose(t1, t2)
     np.testing.assert_allclose(m1[..., :NUM_CLASSES], m2[..., :NUM_CLASSES])
     np.testing.assert_allclose(m1[..., :NUM_CLASSES], idf.mask_from_x(out.xt), atol=1e-6)
-    kept = [not np.allclose(m2[b, ..., NUM_CLASSES:], 0.0) for b in range(IMAGE.shape[0])]
-    first_mask = idf.mask_from_x(_first_pass_x0(params, record[0]))
-    for b, keep in enumerate(kept):
-        if keep:
-            np.testing.assert_allclose(m2[b, ..., NUM_CLASSES:], first_mask[b], atol=1e-6)
+    np.testing.assert_array_equal(m1[..., NUM_CLASSES:], 0.0)
+
+
+# A larger batch of tiny images for the rate of self-conditioning (one Bernoulli per sample).
+COND_BATCH = 128
+COND_KEYS = (11, 12, 13)
+COND_IMAGE = jax.random.normal(jax.random.key(20), (COND_BATCH, 2, 2, 1))
+COND_LABEL = jax.random.randint(jax.random.key(21), (COND_BATCH, 2, 2), 0, NUM_CLASSES)
+
+
+@pytest.mark.parametrize("strategy", idf.SELF_CONDITIONING_STRATEGIES)
+def test_self_condition_is_the_first_prediction_for_half_of_the_samples(strategy):
+    params = _params(strategy)
+    kept_per_key = []
+    for key in COND_KEYS:
+        record = []
+        idf.apply_strategy(
+            strategy,
+            DIFF,
+            toy.pass_indexed_model([params], record),
+            jax.random.key(key),
+            COND_IMAGE,
+            COND_LABEL,
+            SAMPLER.init(T),
+            num_classes=NUM_CLASSES,
+            timestep_sampler=SAMPLER,
+        )
+        (m1, t1), (m2, _) = record
+        cond = np.asarray(m2[..., NUM_CLASSES:])
+        # in(x̂_0) of the first pass: softmax probabilities, never exactly 0.
+        first_mask = np.asarray(
+            idf.mask_from_x(idf.x0_from_logits(toy.apply(params, COND_IMAGE, m1, t1)))
+        )
+        assert first_mask.min() > 0.0
+        zero = np.all(cond == 0.0, axis=(1, 2, 3))
+        exact = np.all(np.abs(cond - first_mask) <= 1e-6, axis=(1, 2, 3))
+        # Per sample, all of the condition or none of it.
+        np.testing.assert_array_equal(zero | exact, True)
+        assert 0 < int(exact.sum()) < COND_BATCH
+        kept_per_key.append(exact)
+    kept = np.stack(kept_per_key)
+    # P(kept) = 1/2 per sample: the count is Binomial(n, 1/2), within 4 standard deviations.
+    n = kept.size
+    assert abs(int(kept.sum()) - n / 2) < 4 * math.sqrt(n / 4)
+    # Each key draws its own samples.
+    assert not np.array_equal(kept[0], kept[1]) and not np.array_equal(kept[1], kept[2])
+
+
+def _keys_of_apply_strategy(key):
+    """The keys apply_strategy splits off: (t, first noise ε', noise ε, model 1, model 2, cond)."""
+    return jax.random.split(jax.random.key(key), 6)
+
+
+@pytest.mark.parametrize("strategy", ["recycle_last", "recycle_next"])
+def test_recycling_renoises_the_first_prediction_not_the_ground_truth(strategy):
+    params = _params(strategy)
+    record = []
+    key = 3
+    out = _run(strategy, toy.pass_indexed_model([params], record), key=key)
+    (m1, t1), (m2, t2) = record
+    _, k_noise_first, k_noise, _, _, _ = _keys_of_apply_strategy(key)
+    eps_first = jax.random.normal(k_noise_first, out.x0.shape)
+    eps = jax.random.normal(k_noise, out.x0.shape)
+    # First pass: in(q(x_0, ε', t_first)) at t_first = T − 1 (recycle_last) or t + 1.
+    t_first = jnp.full_like(out.t, T - 1) if strategy == "recycle_last" else out.t + 1
+    np.testing.assert_allclose(t1, DIFF.model_time(t_first))
+    np.testing.assert_allclose(
+        m1, idf.mask_from_x(DIFF.q_sample(out.x0, eps_first, t_first)), atol=1e-6
+    )
+    # Second pass: x_t = q(sg x̂_0, ε, t) with x̂_0 the first pass's estimate, same noise ε.
+    x0_hat = idf.x0_from_logits(toy.apply(params, IMAGE, m1, t1))
+    expected = DIFF.q_sample(x0_hat, eps, out.t)
+    np.testing.assert_allclose(t2, DIFF.model_time(out.t))
+    np.testing.assert_allclose(out.xt, expected, atol=1e-5)
+    np.testing.assert_allclose(m2, idf.mask_from_x(expected), atol=1e-6)
+    from_truth = DIFF.q_sample(out.x0, eps, out.t)
+    assert float(jnp.max(jnp.abs(out.xt - from_truth))) > 0.1
 
 
 def test_recycle_last_first_pass_at_last_step_and_next_at_t_plus_one():

@@ -314,20 +314,25 @@ class GaussianDiffusion:
         x0_pred: chex.Array,
         xt: chex.Array,
         t: chex.Array,
-        eta: float = 0.0,
+        eta: float | chex.Array = 0.0,
     ) -> jax.Array:
         """DDIM step (Song et al. 2021, eq. 12).
 
         x_{t−1} = √ᾱ_prev x̂_0 + √(1 − ᾱ_prev − σ_t²) ε̂ + σ_t z with ε̂ from (x_t, x̂_0); with
-        eta = 0 deterministic (key may be None), eta = 1 has the DDPM posterior variance.
+        eta = 0 deterministic, eta = 1 has the DDPM posterior variance. ``eta`` may be a
+        Python number or a (traced) scalar array; key may be None only for a Python eta = 0.
         """
         eps = self.predict_epsilon_from_x0(xt, x0_pred, t)
         a_prev = _extract(self.alphas_cumprod_prev, t, xt)
         x_prev = jnp.sqrt(a_prev) * x0_pred
-        if eta == 0.0:
+        if isinstance(eta, (int, float, np.integer, np.floating)) and eta == 0.0:
             return x_prev + jnp.sqrt(1.0 - a_prev) * eps
         if key is None:
-            raise ValueError("ddim_step: eta > 0 needs a PRNG key.")
+            raise ValueError(
+                "ddim_step: eta > 0 (or an array eta, whose value is unknown under jit) "
+                "needs a PRNG key; pass key, or eta=0.0 as a Python float for the "
+                "deterministic step."
+            )
         sigma = self.ddim_sigma(t, xt, eta)
         noise = jax.random.normal(key, xt.shape, xt.dtype)
         return x_prev + jnp.sqrt(jnp.maximum(1.0 - a_prev - sigma**2, 0.0)) * eps + sigma * noise

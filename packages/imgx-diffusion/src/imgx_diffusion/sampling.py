@@ -65,7 +65,7 @@ def sample(
     num_classes: int,
     num_steps: int | None = None,
     sampler: str = "ddpm",
-    eta: float = 0.0,
+    eta: float | chex.Array = 0.0,
     self_conditioning: bool = False,
     overlapping: bool = False,
 ) -> jax.Array:
@@ -85,7 +85,8 @@ def sample(
         num_classes: C.
         num_steps: K, sampling steps.
         sampler: ``ddpm`` (ancestral), ``ddim`` (with ``eta``) or ``dpm_solver_2m``.
-        eta: DDIM noise scale (0 deterministic, 1 DDPM-like).
+        eta: DDIM noise scale (0 deterministic, 1 DDPM-like); a Python float or a scalar
+            array, which may be traced (e.g. a jit argument: one compile for every eta).
         self_conditioning: the model was trained with a self-conditioning strategy.
         overlapping: sigmoid regions instead of softmax classes.
 
@@ -180,7 +181,7 @@ def sample_ensemble(
     num_classes: int,
     num_steps: int | None = None,
     sampler: str = "ddpm",
-    eta: float = 0.0,
+    eta: float | chex.Array = 0.0,
     self_conditioning: bool = False,
     overlapping: bool = False,
 ) -> Ensemble:
