@@ -223,3 +223,64 @@ def test_slice_wise_equals_per_slice_application(seg2d):
         )
     with pytest.raises(ValueError, match="2D"):
         SliceWise(_tiny(3))
+
+
+# -- the published configuration: abstract shapes and parameter count, nothing compiled ----------
+
+PUBLISHED = dict(
+    num_channels=(32, 64, 128, 256),
+    num_res_blocks=2,
+    num_transformer_layers=1,
+    num_heads=8,
+    widening_factor=4,
+    patch_size=2,
+)
+
+
+def _abstract_published(num_spatial_dims, **overrides):
+    """The published UNet with `jax.ShapeDtypeStruct` parameters: no weights are drawn."""
+    kwargs = dict(num_spatial_dims=num_spatial_dims, in_channels=1, out_channels=3, **PUBLISHED)
+    kwargs.update(overrides)
+    return nnx.eval_shape(lambda: UNet(**kwargs, rngs=nnx.Rngs(0)))
+
+
+def _output_shape(module, image_shape, *conditioning):
+    graphdef, state = nnx.split(module)
+    image = jax.ShapeDtypeStruct(image_shape, jnp.float32)
+    return jax.eval_shape(
+        lambda s, x, *c: imgx_nets.apply(graphdef, s, x, *c), state, image, *conditioning
+    )
+
+
+@pytest.mark.parametrize(
+    ("num_spatial_dims", "spatial"),
+    [(2, (37, 29)), (2, (9, 15)), (3, (19, 13, 9)), (3, (7, 11, 5))],
+)
+def test_published_configuration_odd_sizes(num_spatial_dims, spatial):
+    # 3 down-samplings by 2: none of these sizes is a multiple of 8, some are smaller than it.
+    net = _abstract_published(num_spatial_dims)
+    assert net.down[0].factors == (2,) * num_spatial_dims
+    out = _output_shape(net, (1, *spatial, 1))
+    assert out.shape == (1, *spatial, 3) and out.dtype == jnp.float32
+
+
+def test_published_diffusion_configuration_odd_3d_size_bfloat16():
+    net = _abstract_published(
+        3, mask_channels=3, time_conditioned=True, patch_size=(2, 2, 1), dtype=jnp.bfloat16
+    )
+    mask = jax.ShapeDtypeStruct((1, 13, 11, 5, 3), jnp.float32)
+    t = jax.ShapeDtypeStruct((1,), jnp.float32)
+    out = _output_shape(net, (1, 13, 11, 5, 1), mask, t)
+    assert out.shape == (1, 13, 11, 5, 3) and out.dtype == jnp.float32
+
+
+def _abstract_parameter_count(module):
+    leaves = jax.tree.leaves(nnx.state(module, nnx.Param))
+    assert all(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in leaves)  # nothing drawn
+    return sum(int(np.prod(leaf.shape)) for leaf in leaves)
+
+
+def test_published_3d_parameter_count_from_abstract_state():
+    assert _abstract_parameter_count(_abstract_published(3)) == 20_551_491
+    # the same configuration in 2D, as counted from concrete weights above
+    assert _abstract_parameter_count(_abstract_published(2)) == 7_673_091

@@ -1,14 +1,19 @@
 """Scaled dot-product attention: plain, memory-efficient (chunked) and backend dispatch.
 
+`dot_product_attention` runs cuDNN flash attention on GPU for bfloat16/float16 inputs of a
+shape cuDNN supports and `efficient_dot_product_attention` in every other case (float32,
+CPU, TPU); `dot_product_attention_reference` is the quadratic one, for tests.
+
 All functions take `query (batch, q_length, heads, head_dim)`, `key (batch, kv_length, heads,
 head_dim)`, `value (batch, kv_length, heads, value_dim)` and return `(batch, q_length, heads,
 value_dim)` in the dtype of `query`:
 
     attention(Q, K, V)_i = sum_j softmax_j(Q_i . K_j / sqrt(head_dim)) V_j,
 
-where the softmax runs over the keys j allowed by `key_mask`. Logits, the softmax and its
-accumulators are float32 whatever the input dtype; the two matrix products take the input
-dtype as operands and results (bfloat16 in mixed precision), in the backward pass too.
+where the softmax runs over the keys j allowed by `key_mask`. In the efficient and reference
+functions, logits, the softmax and its accumulators are float32 whatever the input dtype; the
+two matrix products take the input dtype as operands and results (bfloat16 in mixed
+precision), in the backward pass too. cuDNN keeps its softmax statistics in float32 as well.
 """
 
 from __future__ import annotations
@@ -196,33 +201,118 @@ def efficient_dot_product_attention(
     return out[:, :q_len].astype(query.dtype)
 
 
+# cuDNN flash attention's limits as jax 0.10 checks them (jax/_src/cudnn/
+# fused_attention_stablehlo.py: check_layout, check_is_flash_attention): fp16/bf16 operands of one
+# dtype, value_dim == head_dim, head_dim a multiple of 8 and at most 256 (128 before Hopper; jax
+# raises at trace time there and the dispatcher falls back).
+_CUDNN_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+_CUDNN_MAX_HEAD_DIM = 256
+_IMPLEMENTATIONS = ("cudnn", "efficient")
+
+
+def _attention_implementation(
+    backend: str,
+    dtypes: tuple,
+    head_dim: int,
+    value_dim: int,
+    has_key_mask: bool = False,
+) -> str:
+    """The implementation `dot_product_attention` tries first: "cudnn" or "efficient".
+
+    "cudnn" exactly when the backend is "gpu", query, key and value share one dtype, bfloat16
+    or float16, `head_dim == value_dim`, `head_dim` is a multiple of 8 and at most 256, and
+    padding (if any) comes as lengths, not as an arbitrary `key_mask`; "efficient" otherwise
+    (float32 inputs, CPU, TPU, other shapes).
+    """
+    dtype_set = {jnp.dtype(d) for d in dtypes}
+    cudnn = (
+        backend == "gpu"
+        and len(dtype_set) == 1
+        and dtype_set <= set(_CUDNN_DTYPES)
+        and head_dim == value_dim
+        and head_dim % 8 == 0
+        and head_dim <= _CUDNN_MAX_HEAD_DIM
+        and not has_key_mask
+    )
+    return "cudnn" if cudnn else "efficient"
+
+
+def _cudnn_attention(query, key, value, key_lengths) -> chex.Array:
+    """cuDNN flash attention; padding as `key_value_seq_lengths`, no mask tensor built."""
+    lengths = None if key_lengths is None else jnp.asarray(key_lengths).astype(jnp.int32)
+    return jax.nn.dot_product_attention(
+        query, key, value, key_value_seq_lengths=lengths, implementation="cudnn"
+    )
+
+
 def dot_product_attention(
     query: chex.Array,
     key: chex.Array,
     value: chex.Array,
     *,
     key_mask: chex.Array | None = None,
+    key_lengths: chex.Array | None = None,
     implementation: str | None = None,
 ) -> chex.Array:
-    """Attention with the fastest implementation for the backend.
+    """Softmax attention by cuDNN flash attention on GPU, by the efficient one elsewhere.
 
-    `implementation`: "fused" = `jax.nn.dot_product_attention` (cuDNN flash attention on GPU
-    for bfloat16/float16, XLA otherwise; needs value_dim == head_dim), "efficient" =
-    `efficient_dot_product_attention`, None = "fused" on GPU and "efficient" elsewhere (CPU,
-    TPU) or when value_dim != head_dim.
+    `implementation=None` (the default, used by `UNet`) chooses:
+    - "cudnn", `jax.nn.dot_product_attention(..., implementation="cudnn")`, when the default
+      backend is GPU, query, key and value are all bfloat16 or all float16, `value_dim ==
+      head_dim`, `head_dim` is a multiple of 8 and at most 256, and padding, if any, is given
+      as `key_lengths` (passed to cuDNN as `key_value_seq_lengths`). If cuDNN still rejects
+      the call when traced (no cuDNN found, head_dim > 128 before Hopper, ...), it falls back
+      to "efficient". Errors that cuDNN raises only when XLA compiles are not caught.
+    - "efficient", `efficient_dot_product_attention` with the default chunks (linear memory),
+      in every other case: float32 inputs, CPU, TPU, other shapes, or an arbitrary `key_mask`.
+    Never XLA's quadratic attention. `implementation="cudnn"` or "efficient" forces one, with
+    no fallback (cuDNN's own error if it cannot run).
 
-    Shapes as in `efficient_dot_product_attention`.
+    Args:
+      query: `(batch, q_length, heads, head_dim)`.
+      key: `(batch, kv_length, heads, head_dim)`.
+      value: `(batch, kv_length, heads, value_dim)`.
+      key_mask: optional bool `(batch, kv_length)`, False for padding keys, any pattern;
+        always the efficient path.
+      key_lengths: optional int `(batch,)`, the number of valid keys per sample, in
+        [1, kv_length]: keys `length..kv_length-1` are padding. Either this or `key_mask`.
+      implementation: None, "cudnn" or "efficient".
+
+    Returns:
+      `(batch, q_length, heads, value_dim)` in `query.dtype`.
     """
+    _check_qkv(query, key, value, key_mask)
+    if implementation is not None and implementation not in _IMPLEMENTATIONS:
+        raise ValueError(
+            "dot_product_attention: implementation must be None, 'cudnn' or 'efficient', "
+            f"got {implementation!r}."
+        )
+    if key_lengths is not None:
+        if key_mask is not None:
+            raise ValueError(
+                "dot_product_attention: pass padding as key_mask or as key_lengths, not both."
+            )
+        chex.assert_shape(key_lengths, (query.shape[0],))
+    if implementation == "cudnn":
+        if key_mask is not None:
+            raise ValueError(
+                "dot_product_attention: implementation='cudnn' takes padding as key_lengths "
+                "(valid keys first), not as key_mask; pass key_lengths or use 'efficient'."
+            )
+        return _cudnn_attention(query, key, value, key_lengths)
     if implementation is None:
-        fused_ok = jax.default_backend() == "gpu" and value.shape[-1] == query.shape[-1]
-        implementation = "fused" if fused_ok else "efficient"
-    if implementation == "efficient":
-        return efficient_dot_product_attention(query, key, value, key_mask=key_mask)
-    if implementation == "fused":
-        _check_qkv(query, key, value, key_mask)
-        mask = None if key_mask is None else key_mask[:, None, None, :]
-        return jax.nn.dot_product_attention(query, key, value, mask=mask)
-    raise ValueError(
-        f"dot_product_attention: implementation must be 'fused', 'efficient' or None, "
-        f"got {implementation!r}."
-    )
+        choice = _attention_implementation(
+            jax.default_backend(),
+            (query.dtype, key.dtype, value.dtype),
+            query.shape[-1],
+            value.shape[-1],
+            has_key_mask=key_mask is not None,
+        )
+        if choice == "cudnn":
+            try:
+                return _cudnn_attention(query, key, value, key_lengths)
+            except (NotImplementedError, RuntimeError):
+                pass  # jax's trace-time check rejected this call for cuDNN: fall back.
+    if key_lengths is not None:
+        key_mask = jnp.arange(key.shape[1])[None, :] < jnp.asarray(key_lengths)[:, None]
+    return efficient_dot_product_attention(query, key, value, key_mask=key_mask)
