@@ -2,8 +2,9 @@
 
 import pytest
 
+import imgx_data
 from imgx_train import config as config_lib
-from imgx_train import presets
+from imgx_train import presets, tasks
 
 
 def test_parse_overrides_keeps_commas_inside_brackets():
@@ -62,6 +63,9 @@ def test_presets_apply_in_order():
         ({"train.task": "detect"}, "seg, diffusion"),
         ({"diffusion.variance": "learned_range"}, "loss.vlb"),
         ({"train.steps": 0}, "train.steps"),
+        ({"loss.mse_target": "x0"}, "output, epsilon"),
+        ({"data.shift_unit": "mm"}, "fraction, voxel"),
+        ({"optimizer.ema_decay": 1.5}, "optimizer.ema_decay"),
     ],
 )
 def test_invalid_choices_are_clear(overrides, match):
@@ -72,3 +76,56 @@ def test_invalid_choices_are_clear(overrides, match):
 def test_unknown_preset():
     with pytest.raises(config_lib.ConfigError, match="debug"):
         presets.make_config("phantom", preset="fast")
+
+
+# shared/spec/presets.md: both paper presets shift ±10 voxels per axis, pelvic 20, 20, 4.
+PAPER_SHIFTS = {
+    "phantom": (10.0, 10.0),
+    "phantom_3d": (10.0, 10.0, 10.0),
+    "muscle_us": (10.0, 10.0),
+    "male_pelvic_mr": (20.0, 20.0, 4.0),
+    "amos_ct": (10.0, 10.0, 10.0),
+    "brats2021_mr": (10.0, 10.0, 10.0),
+    "brats2021_mr_wt": (10.0, 10.0, 10.0),
+    "my_nifti_folder": 10.0,  # a user's dataset: 10 voxels along every axis
+}
+
+
+@pytest.mark.parametrize("preset", ["melba2023", "dgm4miccai2023"])
+@pytest.mark.parametrize("data", sorted(PAPER_SHIFTS))
+def test_paper_presets_shift_in_voxels_per_dataset(data, preset, tmp_path):
+    cfg = presets.make_config(data, preset=preset)
+    assert (cfg.data.shift, cfg.data.shift_unit) == (PAPER_SHIFTS[data], "voxel")
+    if data in presets.DATASET_PRESETS:
+        info = imgx_data.dataset_info(data, data_dir=tmp_path)  # not built: the default grid
+        aug = tasks.augmentation_config(cfg, info)
+        assert (aug.shift, aug.shift_unit) == (PAPER_SHIFTS[data], "voxel")
+    default = presets.make_config(data)
+    assert (default.data.shift, default.data.shift_unit) == (
+        presets.DATASET_PRESETS.get(data, {}).get("data.shift", 0.3),
+        "fraction",
+    )
+
+
+def test_per_axis_shift_round_trip_and_wrong_length(tmp_path):
+    cfg = presets.make_config("phantom", overrides="data.shift=[4,2],data.shift_unit=voxel")
+    assert cfg.data.shift == (4.0, 2.0)
+    config_lib.save(cfg, tmp_path / "config.json")
+    assert config_lib.load(tmp_path / "config.json") == cfg
+    wrong = presets.make_config("phantom", overrides="data.shift=[20,20,4]")
+    with pytest.raises(config_lib.ConfigError, match="data.shift"):
+        tasks.augmentation_config(wrong, imgx_data.dataset_info("phantom", data_dir=tmp_path))
+
+
+def test_ema_is_off_by_default_and_0999_when_on(tmp_path):
+    """shared/spec/presets.md: EMA off by default, decay 0.999 when on."""
+    default = presets.make_config("phantom")
+    assert (default.optimizer.ema, default.optimizer.ema_decay) == (False, None)
+    on = presets.make_config("phantom", overrides="optimizer.ema=true")
+    assert (on.optimizer.ema, on.optimizer.ema_decay) == (True, 0.999)
+    chosen = presets.make_config("phantom", overrides="optimizer.ema_decay=0.75")
+    assert (chosen.optimizer.ema, chosen.optimizer.ema_decay) == (True, 0.75)
+    off = config_lib.replace(chosen, {"optimizer.ema": False})
+    assert (off.optimizer.ema, off.optimizer.ema_decay) == (False, None)
+    config_lib.save(on, tmp_path / "config.json")
+    assert config_lib.load(tmp_path / "config.json") == on

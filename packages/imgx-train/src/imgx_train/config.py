@@ -16,6 +16,8 @@ import typing
 from pathlib import Path
 from typing import Any
 
+DEFAULT_EMA_DECAY = 0.999
+
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
@@ -36,7 +38,9 @@ class DataConfig:
       rotation: maximum rotation in degrees (each axis).
       zoom: maximum relative zoom (0.2 = ±20 %).
       shear: maximum shear angle in degrees.
-      shift: maximum shift as a fraction of the image size.
+      shift: maximum |shift|, one value for every axis or one per spatial axis, in units of
+        `shift_unit`.
+      shift_unit: `fraction` of the image size along the axis, or `voxel`.
       gamma: maximum |log γ| of the intensity gamma.
       probability: probability of applying each scalar augmentation parameter.
       flip: random flips along every spatial axis.
@@ -54,7 +58,8 @@ class DataConfig:
     rotation: float = 30.0
     zoom: float = 0.2
     shear: float = 30.0
-    shift: float = 0.3
+    shift: float | tuple[float, ...] = 0.3
+    shift_unit: str = "fraction"
     gamma: float = 0.3
     probability: float = 0.5
     flip: bool = False
@@ -110,20 +115,37 @@ class DiffusionConfig:
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-    """Weights of the loss terms (imgx default: Dice 1 + focal 1)."""
+    """Weights of the loss terms (imgx default: Dice 1 + focal 1).
+
+    Attributes:
+      dice, cross_entropy, focal: weights of the segmentation losses of the final pass.
+      focal_gamma: focusing parameter of the focal loss.
+      mse: weight of the per-sample mean squared error of the final pass.
+      mse_target: what that MSE compares. `output`: the network's estimate with the target
+        of `diffusion.model_output` (x̂_0 vs x_0, ε̂ vs ε or v̂ vs v); `epsilon`: ε̂ vs ε
+        whatever the parameterisation, with ε = (x_t − √ᾱ_t x_0)/√(1 − ᾱ_t) from the true
+        x_0 and ε̂ the same expression with x̂_0 (the MSE(ε) of the DGM4MICCAI paper).
+      vlb: weight of the variational bound (needed by `learned_range`).
+      aux: weight of the segmentation loss of the first pass of two-pass strategies.
+    """
 
     dice: float = 1.0
     cross_entropy: float = 0.0
     focal: float = 1.0
     focal_gamma: float = 2.0
     mse: float = 0.0
+    mse_target: str = "output"
     vlb: float = 0.0
     aux: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
-    """AdamW with linear warm-up and cosine decay, global-norm clipping, optional EMA."""
+    """AdamW with linear warm-up and cosine decay, global-norm clipping, optional EMA.
+
+    EMA of the parameters is off by default; `ema=true` turns it on with decay 0.999
+    (shared/spec/presets.md), and giving `ema_decay` turns it on with that decay.
+    """
 
     init_lr: float = 1e-5
     peak_lr: float = 8e-4
@@ -134,7 +156,15 @@ class OptimizerConfig:
     b2: float = 0.999
     weight_decay: float = 1e-8
     clip_norm: float = 1.0
+    ema: bool = False
     ema_decay: float | None = None
+
+    def __post_init__(self) -> None:
+        # Keep the switch and the decay consistent: either one turns the EMA on.
+        if self.ema and self.ema_decay is None:
+            object.__setattr__(self, "ema_decay", DEFAULT_EMA_DECAY)
+        elif self.ema_decay is not None and not self.ema:
+            object.__setattr__(self, "ema", True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -289,6 +319,10 @@ def replace(config: Any, updates: dict[str, Any], _prefix: str = "") -> Any:
             nested.setdefault(head, {})[rest] = value
         else:
             direct[head] = value
+    if isinstance(config, OptimizerConfig) and "ema" in direct and "ema_decay" not in direct:
+        # `optimizer.ema=false` alone switches the EMA off, whatever decay was set before.
+        if not _coerce(direct["ema"], bool, _prefix + "ema"):
+            direct["ema_decay"] = None
     hints = _field_types(type(config))
     changes = {k: _coerce(v, hints[k], _prefix + k) for k, v in direct.items()}
     for head, sub in nested.items():

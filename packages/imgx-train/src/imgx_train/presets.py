@@ -80,8 +80,26 @@ DATASET_PRESETS: dict[str, dict[str, Any]] = {
 }
 DATASET_PRESETS["brats2021_mr_wt"] = DATASET_PRESETS["brats2021_mr"]
 
-# MELBA paper's augmentation shift in voxels per axis, as a fraction of the patch size.
-_PELVIC_SHIFT = 20 / 256
+# Augmentation shift of both paper presets, in voxels per spatial axis
+# (shared/spec/presets.md: ±10 voxels per axis, male pelvic MR 20, 20, 4). Datasets not
+# listed (e.g. a `nifti_folder` build) get 10 voxels along every axis.
+PAPER_SHIFT_VOXELS: dict[str, tuple[float, ...]] = {
+    "phantom": (10.0, 10.0),
+    "phantom_3d": (10.0, 10.0, 10.0),
+    "muscle_us": (10.0, 10.0),
+    "male_pelvic_mr": (20.0, 20.0, 4.0),
+    "amos_ct": (10.0, 10.0, 10.0),
+    "brats2021_mr": (10.0, 10.0, 10.0),
+    "brats2021_mr_wt": (10.0, 10.0, 10.0),
+}
+_DEFAULT_PAPER_SHIFT_VOXELS = 10.0
+_PAPER_PRESETS = ("melba2023", "dgm4miccai2023")
+
+
+def paper_shift(data: str) -> float | tuple[float, ...]:
+    """The paper presets' maximum shift for a dataset, in voxels (per axis or for all)."""
+    return PAPER_SHIFT_VOXELS.get(data, _DEFAULT_PAPER_SHIFT_VOXELS)
+
 
 NAMED_PRESETS: dict[str, dict[str, Any]] = {
     # Fu et al., MELBA 2023, arXiv 2308.16355 (xT-recycling).
@@ -98,7 +116,7 @@ NAMED_PRESETS: dict[str, dict[str, Any]] = {
         "data.rotation": 5.0,  # 0.088 rad
         "data.zoom": 0.15,
         "data.shear": 0.0,
-        "data.shift": _PELVIC_SHIFT,
+        "data.shift_unit": "voxel",  # data.shift: paper_shift(dataset)
         "model.patch_size": 2,
     },
     # Fu et al., DGM4MICCAI 2023, arXiv 2303.06040 (xt-recycling).
@@ -113,12 +131,13 @@ NAMED_PRESETS: dict[str, dict[str, Any]] = {
         "loss.cross_entropy": 1.0,
         "loss.focal": 0.0,
         "loss.mse": 0.1,
+        "loss.mse_target": "epsilon",
         "optimizer.peak_lr": 1e-4,
         "optimizer.end_lr": 1e-6,
         "data.rotation": 5.0,
         "data.zoom": 0.15,
         "data.shear": 0.0,
-        "data.shift": _PELVIC_SHIFT,
+        "data.shift_unit": "voxel",  # data.shift: paper_shift(dataset)
     },
     # Seconds-long runs for tests and smoke checks.
     "debug": {
@@ -168,6 +187,8 @@ def make_config(
                 f"unknown preset {preset!r}; choose one of {', '.join(sorted(NAMED_PRESETS))}"
             )
         updates.update(NAMED_PRESETS[preset])
+        if preset in _PAPER_PRESETS:
+            updates["data.shift"] = paper_shift(data)
     if task is not None:
         updates["train.task"] = task
     updates.update(config_lib.parse_overrides(overrides))
@@ -194,6 +215,8 @@ def validate(cfg: config_lib.Config) -> None:
             cfg.diffusion.beta_schedule,
             ("linear", "quadratic", "cosine"),
         ),
+        "loss.mse_target": (cfg.loss.mse_target, ("output", "epsilon")),
+        "data.shift_unit": (cfg.data.shift_unit, ("fraction", "voxel")),
         "eval.sampler": (cfg.eval.sampler, ("ddpm", "ddim")),
         "model.skip": (cfg.model.skip, ("add", "concat")),
         "model.dtype": (cfg.model.dtype, ("auto", "float32", "bfloat16", "float16")),
@@ -216,6 +239,11 @@ def validate(cfg: config_lib.Config) -> None:
     for key, value in positive.items():
         if value < 1:
             raise config_lib.ConfigError(f"{key} must be at least 1, got {value}")
+    decay = cfg.optimizer.ema_decay
+    if decay is not None and not 0.0 <= decay < 1.0:
+        raise config_lib.ConfigError(
+            f"optimizer.ema_decay must lie in [0, 1), got {decay} (the spec's value is 0.999)"
+        )
     if cfg.diffusion.variance == "learned_range" and cfg.loss.vlb <= 0:
         raise config_lib.ConfigError(
             "diffusion.variance=learned_range needs loss.vlb > 0: nothing else trains the "

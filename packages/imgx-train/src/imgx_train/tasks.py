@@ -25,14 +25,25 @@ def augmentation_config(
     cfg: config_lib.Config, info: imgx_data.DatasetInfo
 ) -> imgx_data.AugmentationConfig:
     """The on-device augmentation of the train step (with `data.augmentation` off: only
-    the patch crop and the min-max rescaling that evaluation applies too)."""
+    the patch crop and the min-max rescaling that evaluation applies too).
+
+    Raises:
+      ConfigError: `data.shift` with a number of values other than 1 or the dataset's
+        spatial axes.
+    """
     d = cfg.data
     on = d.augmentation
+    if isinstance(d.shift, tuple) and len(d.shift) != info.num_spatial_dims:
+        raise config_lib.ConfigError(
+            f"data.shift={list(d.shift)} has {len(d.shift)} values but {info.name} has "
+            f"{info.num_spatial_dims} spatial axes: give one value for all axes or one per axis"
+        )
     return imgx_data.AugmentationConfig(
         rotation_degrees=d.rotation if on else 0.0,
         zoom=d.zoom if on else 0.0,
         shear_degrees=d.shear if on else 0.0,
         shift=d.shift if on else 0.0,
+        shift_unit=d.shift_unit,
         gamma=d.gamma if on else 0.0,
         probability=d.probability,
         flip_axes=tuple(range(info.num_spatial_dims)) if (on and d.flip) else (),
@@ -123,7 +134,13 @@ class Task:
         return self.timestep_sampler.init(self.diffusion.num_timesteps)
 
     def loss(self, params, key, image, label, aux):
-        """Mean weighted loss and (unweighted per-sample loss, t, logged terms)."""
+        """Mean weighted loss and (per-sample L_t, t, logged terms).
+
+        For diffusion L_t is the unweighted loss of the final pass at the sampled step t
+        (segmentation + MSE + VLB by weight); it feeds the importance sampler's history of
+        step t. The auxiliary first-pass term is trained but not part of L_t: that pass
+        runs at another step (t + 1 or T − 1). For seg L_t is the per-sample loss.
+        """
         model_fn = self.model_fn(params)
         if not self.is_diffusion:
             logits = model_fn(image, None, None, key)
@@ -146,15 +163,17 @@ class Task:
             timestep_sampler=self.timestep_sampler,
             compute_vlb=cfg.loss.vlb > 0,
         )
-        total, terms = idf.segmentation_loss(
+        loss_t, terms = idf.segmentation_loss(
             out.logits, label, weights=self.loss_weights, overlapping=self.overlapping
         )
         if cfg.loss.mse > 0:
-            total = total + cfg.loss.mse * out.mse
-            terms["mse"] = out.mse
+            mse = self.mse_loss(out)
+            loss_t = loss_t + cfg.loss.mse * mse
+            terms["mse"] = mse
         if cfg.loss.vlb > 0:
-            total = total + cfg.loss.vlb * out.vlb
+            loss_t = loss_t + cfg.loss.vlb * out.vlb
             terms["vlb"] = out.vlb
+        total = loss_t
         if cfg.loss.aux > 0 and out.first_pass_logits is not None:
             aux_total, _ = idf.segmentation_loss(
                 out.first_pass_logits,
@@ -165,7 +184,29 @@ class Task:
             total = total + cfg.loss.aux * aux_total
             terms["aux"] = aux_total
         weighted = (out.weight * total).mean()
-        return weighted, (total, out.t, {k: v.mean() for k, v in terms.items()})
+        return weighted, (loss_t, out.t, {k: v.mean() for k, v in terms.items()})
+
+    def mse_loss(self, out: idf.StrategyOutput) -> jax.Array:
+        """Per-sample MSE of the final pass (batch,), as `loss.mse_target` asks.
+
+        `output`: the strategy's MSE of the estimate vs the target of the parameterisation.
+        `epsilon`: mean (ε̂ − ε)² with ε = (x_t − √ᾱ_t x_0)/√(1 − ᾱ_t) for the true x_0 (the
+        noise that made x_t from x_0; for recycling strategies x_t came from the recycled
+        estimate, and ε is still the noise relative to the ground truth, as in
+        `GaussianDiffusion.training_target`). ε̂: the network output for `epsilon`; from
+        x̂_0 by the same formula for `x0` (so the term is ᾱ_t/(1 − ᾱ_t)·mean (x̂_0 − x_0)²);
+        √(1 − ᾱ_t) x_t + √ᾱ_t v̂ for `v` (so the term is ᾱ_t · mean (v̂ − v)²).
+        """
+        model_output = self.cfg.diffusion.model_output
+        if self.cfg.loss.mse_target == "output" or model_output == "epsilon":
+            return out.mse
+        if model_output == "v":
+            alphas_cumprod = jnp.asarray(self.diffusion.alphas_cumprod, out.mse.dtype)
+            return alphas_cumprod[out.t] * out.mse
+        x0_pred = idf.x0_from_logits(out.logits, overlapping=self.overlapping)
+        eps_pred = self.diffusion.predict_epsilon_from_x0(out.xt, x0_pred, out.t)
+        eps = self.diffusion.predict_epsilon_from_x0(out.xt, out.x0, out.t)
+        return jnp.mean(jnp.square(eps_pred - eps).reshape(eps.shape[0], -1), axis=1)
 
     def update_aux(self, aux, t, per_sample_loss):
         if not self.is_diffusion:
