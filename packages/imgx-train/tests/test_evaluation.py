@@ -97,6 +97,9 @@ def scans(run, tmp_path_factory):
     volume = imgx_data.Geometry.identity((8, 8, 4), (1.0, 1.0, 1.0))
     imgx_data.write_image(folder / "case_c.nii.gz", np.zeros((8, 8, 4), np.float32), volume)
     (folder / "case_d.nii.gz").write_bytes(b"not a nifti file")
+    # Two channels for a one-channel model: listed, the other cases still predicted.
+    for channel in ("0000", "0001"):
+        imgx_data.write_image(folder / f"case_e_{channel}.nii.gz", image[:80, :70], geometry)
     return folder
 
 
@@ -104,8 +107,11 @@ def test_predict_writes_each_scan_on_its_own_grid_and_lists_failures(run, scans,
     out = tmp_path / "preds"
     result = predict(run, scans, out, num_samples=2, save_probabilities=True, seed=1)
     failed = {path.split("/")[-1]: message for path, message in result["failures"]}
-    assert set(failed) == {"case_c.nii.gz", "case_d.nii.gz"}
+    assert set(failed) == {"case_c.nii.gz", "case_d.nii.gz", "case_e_0001.nii.gz"}
     assert "3D" in failed["case_c.nii.gz"] and "2D" in failed["case_c.nii.gz"]
+    assert failed["case_e_0001.nii.gz"].startswith(f"{scans / 'case_e_0001.nii.gz'}: case case_e")
+    assert "the model takes 1 channel, files case_e_0000" in failed["case_e_0001.nii.gz"]
+    assert not list(out.glob("case_e*")) and not list(out.glob("case_c*"))
     label, geometry = imgx_data.read_image(out / "case_a.nii.gz")
     assert label.shape == (80, 70)
     np.testing.assert_allclose(geometry.spacing, (1.2, 1.1), rtol=1e-6)
@@ -122,9 +128,33 @@ def test_predict_writes_each_scan_on_its_own_grid_and_lists_failures(run, scans,
     label_again, _ = imgx_data.read_image(tmp_path / "again" / "case_a.nii.gz")
     np.testing.assert_array_equal(label, label_again)
     assert again["failures"] == []
+    # Same seed: the same ensemble, alone or in a folder; another seed: other samples.
+    entropy_again, _ = imgx_data.read_image(tmp_path / "again" / "case_a_entropy.nii.gz")
+    np.testing.assert_array_equal(entropy, entropy_again)
+    predict(run, scans / "case_a.nii.gz", tmp_path / "other", num_samples=2, seed=2)
+    entropy_other, _ = imgx_data.read_image(tmp_path / "other" / "case_a_entropy.nii.gz")
+    assert np.max(np.abs(entropy_other - entropy)) > 1e-3
 
 
 def test_predict_empty_folder_is_a_clear_error(run, tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="empty"):
+    with pytest.raises(ValueError, match=r"empty: no image files \(\.nii\.gz, \.nii, \.png"):
         predict(run, tmp_path / "empty", tmp_path / "out")
+    with pytest.raises(FileNotFoundError, match="nowhere does not exist"):
+        predict(run, tmp_path / "nowhere", tmp_path / "out")
+
+
+def test_batch_size_does_not_change_the_predictions(run):
+    restored = evaluation.restore_run(run)
+    predict_fn = restored.task.predict_fn("ddim", 3)
+    source = imgx_data.data_source("phantom", "test", data_dir=written_data_dir(run))
+
+    def probabilities(batch_size):
+        cases = evaluation.iterate_cases(
+            restored.task, predict_fn, restored.params, source, seed=3, batch_size=batch_size
+        )
+        return np.stack([p for _, p in cases])
+
+    one, two = probabilities(1), probabilities(2)  # 3 cases: [0], [1], [2] vs [0, 1], [2]
+    assert one.shape[-1] == 3  # every sampling step
+    np.testing.assert_allclose(one, two, atol=1e-5)

@@ -96,6 +96,61 @@ def test_shifted_square_nsd_and_assd_closed_form():
     assert m["assd"] == pytest.approx(expected["assd"])
 
 
+@pytest.mark.parametrize(
+    ("side", "shift", "spacing"), [(8, 1, (1.0, 1.0)), (8, 2, (0.5, 2.0)), (11, 3, (0.4, 1.5))]
+)
+def test_shifted_square_assd_closed_form(side, shift, spacing):
+    # Square of side L, the copy shifted by k along x (spacing sx <= sy / k, k <= (L-1)/2).
+    # Predicted surface (4L-4 voxels): the side columns inside the reference, 2(L-k)
+    # voxels, lie on the reference surface (0); the near row's L-2 inner voxels are k·sx
+    # from the reference's row; the far row (L voxels) is k·sx beyond it and the side
+    # voxels of the k-1 rows in between are j·sx (j = 1 .. k-1) beyond it. So
+    # Σd_pr = k·sx·(L-2) + k·sx·L + sx·k(k-1) = k·sx·(2L+k-3), the same for d_rp, and
+    # ASSD = k·sx·(2L+k-3) / (4L-4).
+    sx = spacing[0]
+    ref = _box_mask((side + 8, side + 4), (2, 2), (side, side))
+    pred = _box_mask((side + 8, side + 4), (2 + shift, 2), (side, side))
+    m = binary_metrics(pred, ref, spacing)
+    assert m["assd"] == pytest.approx(shift * sx * (2 * side + shift - 3) / (4 * side - 4))
+    assert m["hd95"] == pytest.approx(shift * sx)
+    assert m["centroid_distance"] == pytest.approx(shift * sx)
+
+
+def _ellipsoid(shape, centre, radius_mm, spacing):
+    """Voxels whose centre lies within radius_mm of centre (voxel indices) in mm."""
+    grids = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
+    return (
+        sum(((g - c) * s) ** 2 for g, c, s in zip(grids, centre, spacing, strict=True))
+        <= radius_mm**2
+    )
+
+
+def test_spheres_with_anisotropic_spacing():
+    # Spheres in mm on voxels of 0.5 x 1 x 2 mm: ellipsoids in voxel indices.
+    shape, spacing, centre = (56, 30, 16), (0.5, 1.0, 2.0), (28, 15, 8)
+    small = _ellipsoid(shape, centre, 6.0, spacing)
+    large = _ellipsoid(shape, centre, 11.0, spacing)
+    m = binary_metrics(small, large, spacing)
+    # Every surface point is about 11 - 6 = 5 mm from the other sphere, up to a voxel.
+    assert abs(m["hd95"] - 5.0) <= max(spacing)
+    assert abs(m["assd"] - 5.0) <= max(spacing)
+    assert m["centroid_distance"] == pytest.approx(0.0, abs=1e-9)
+    voxel_ml = np.prod(spacing) / 1000
+    assert m["volume_prediction"] == pytest.approx(small.sum() * voxel_ml)
+    assert m["volume_prediction"] == pytest.approx(4 / 3 * np.pi * 6.0**3 / 1000, rel=0.05)
+    assert m["volume_reference"] == pytest.approx(4 / 3 * np.pi * 11.0**3 / 1000, rel=0.03)
+    assert m["dice"] == pytest.approx(2 * small.sum() / (small.sum() + large.sum()))
+    # The same sphere moved by 2 voxels along the 2 mm axis: centroids exactly 4 mm apart,
+    # the volumes equal, and the distances match the brute-force reference.
+    moved = _ellipsoid(shape, (28, 15, 10), 6.0, spacing)
+    m = binary_metrics(moved, small, spacing, tolerance_mm=1.0)
+    assert m["centroid_distance"] == pytest.approx(4.0)
+    assert m["volume_prediction"] == m["volume_reference"]
+    expected = _brute_force(moved, small, spacing, 1.0)
+    for name, value in expected.items():
+        assert m[name] == pytest.approx(value), name
+
+
 @pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (2.0, 2.0, 2.0)])
 def test_concentric_spheres(spacing):
     shape, r_small, r_large = (25, 25, 25), 6, 10

@@ -70,7 +70,29 @@ def test_summarize_values(rows):
         "prediction_empty": 0,
         "reference_empty": 0,
     }
-    assert "per_step" not in summary
+    assert summary["per_step"] == {}  # seg or one sampling step: present and empty
+
+
+def test_summarize_counts_pure_false_positives(rows):
+    # Case d predicts a kidney where there is none: Dice 0, worst-case distance, and
+    # counted as reference_empty (not both_empty, not dropped from the mean).
+    rows.append(case_row("d", _metrics([1.0, 0.9, 0.0], [0.0, 1.0, 60.0], [9, 2, 3], [9, 2, 0])))
+    summary = summarize(rows, CLASSES)
+    assert summary["empty"]["kidney"] == {
+        "both_empty": 1,
+        "prediction_empty": 1,
+        "reference_empty": 1,
+    }
+    kidney = summary["per_class"]["kidney"]["dice"]
+    assert kidney["count"] == 3 and kidney["mean"] == pytest.approx(0.2)
+    assert summary["per_class"]["kidney"]["hd95"]["mean"] == pytest.approx((4 + 50 + 60) / 3)
+
+
+def test_summarize_always_has_every_key():
+    row = case_row("a", {"dice": np.array([1.0, 0.5, 0.25])})
+    summary = summarize([row], CLASSES)
+    assert set(summary) == {"num_cases", "foreground_mean", "per_class", "empty", "per_step"}
+    assert summary["empty"] == {} and summary["per_step"] == {}
 
 
 def test_summarize_all_nan_class_is_nan_not_a_warning(rows):
@@ -104,6 +126,8 @@ def test_summarize_from_real_metrics():
     summary = summarize([case_row("x", metrics)], CLASSES)
     assert summary["foreground_mean"]["dice"] == 1.0  # kidney absent in both: excluded
     assert summary["empty"]["kidney"]["both_empty"] == 1
+    # Both empty: 0 ml, not NaN.
+    assert metrics["volume_prediction"][2] == metrics["volume_reference"][2] == 0.0
 
 
 @pytest.mark.parametrize(

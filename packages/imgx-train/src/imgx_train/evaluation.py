@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
-from collections.abc import Callable, Iterator
+import weakref
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,25 +34,29 @@ def case_probabilities(
     image: np.ndarray,
     *,
     num_samples: int = 1,
+    last_step_only: bool = False,
 ) -> np.ndarray:
     """Probabilities `(*spatial, C, K)` of one image `(*spatial, channels)`.
 
     Whole images go through the network at once; datasets trained on patches use
     Gaussian-blended sliding windows stitched on the host (bounded device memory). With
-    `num_samples` S > 1 the probabilities are the mean over S samples (an ensemble).
+    `num_samples` S > 1 the probabilities are the mean over S samples (an ensemble), sample
+    s drawn with the key `fold_in(key, s)`. With `last_step_only` only the final sampling
+    step is copied back and stitched: `(*spatial, C, 1)`, K times less host memory.
     """
     cfg = task.cfg
     patch_shape = cfg.data.patch_shape
+    steps = slice(-1, None) if last_step_only else slice(None)
     total = None
     for s in range(num_samples):
         sample_key = jax.random.fold_in(key, s)
         if patch_shape is None:
-            probs = np.asarray(predict(params, sample_key, image[None]))[0]
+            probs = np.asarray(predict(params, sample_key, image[None])[0, ..., steps])
         else:
 
             def patches_fn(patches, sample_key=sample_key):
-                out = predict(params, sample_key, patches)
-                return out.reshape(*out.shape[:-2], -1)  # fold steps into channels
+                out = predict(params, sample_key, patches)[..., steps]
+                return out.reshape(*out.shape[:-2], -1)  # fold (C, K) into channels
 
             overlap = cfg.data.inference_overlap or 0
             flat = imgx_data.sliding_window_inference(
@@ -66,6 +71,21 @@ def case_probabilities(
     return total / num_samples
 
 
+_BATCHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _batched(predict: ProbabilityFn) -> Callable[[Any, jax.Array, jax.Array], jax.Array]:
+    """`predict` over a batch of images with one key per image (compiled once per shape)."""
+    if predict not in _BATCHED:
+        ref = weakref.ref(predict)  # a strong one would keep the cache entry alive
+
+        def one(params, key, image):
+            return ref()(params, key, image[None])[0]
+
+        _BATCHED[predict] = jax.jit(jax.vmap(one, in_axes=(None, 0, 0)))
+    return _BATCHED[predict]
+
+
 def iterate_cases(
     task: tasks.Task,
     predict: ProbabilityFn,
@@ -75,11 +95,14 @@ def iterate_cases(
     seed: int,
     num_samples: int = 1,
     max_cases: int | None = None,
+    batch_size: int | None = None,
 ) -> Iterator[tuple[dict[str, Any], np.ndarray]]:
     """Yields (example, probabilities (*spatial, C, K)) for the cases of a source in order.
 
-    Case i uses the key fold_in(key(seed), i): the same seed gives the same predictions.
-    Whole-image datasets are predicted in batches of `data.eval_batch_size`.
+    Case i is predicted with the key `fold_in(key(seed), i)` (as `case_probabilities`
+    uses it) whatever the batching, so the same seed gives the same predictions and they
+    do not depend on the batch size. Whole-image datasets are predicted in batches of
+    `batch_size` (default `data.eval_batch_size`) cases.
     """
     n = len(source) if max_cases is None else min(len(source), max_cases)
     base_key = jax.random.key(seed)
@@ -94,15 +117,21 @@ def iterate_cases(
                 ),
             )
         return
-    batch_size = task.cfg.data.eval_batch_size
+    batch_size = batch_size or task.cfg.data.eval_batch_size
+    batched = _batched(predict)
     for start in range(0, n, batch_size):
-        examples = [source[i] for i in range(start, min(start + batch_size, n))]
+        indices = list(range(start, min(start + batch_size, n)))
+        examples = [source[i] for i in indices]
         images = np.stack([e["image"] for e in examples])
-        if len(examples) < batch_size:  # pad to one compiled shape
+        indices += [indices[-1]] * (batch_size - len(examples))  # pad to one compiled shape
+        if len(examples) < batch_size:
             pad = np.repeat(images[-1:], batch_size - len(examples), axis=0)
             images = np.concatenate([images, pad])
-        key = jax.random.fold_in(base_key, start)
-        probs = np.asarray(predict(params, key, images))
+        # The key of case_probabilities(key=fold_in(base, i), num_samples=1): sample 0.
+        keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(base_key, i), 0))(
+            np.asarray(indices, np.uint32)
+        )
+        probs = np.asarray(batched(params, keys, images))
         yield from zip(examples, probs[: len(examples)], strict=True)
 
 
@@ -182,6 +211,32 @@ class RestoredRun:
     step: int
 
 
+def best_step(mngr: Any, valid_records: Iterable[dict[str, Any]] = ()) -> int | None:
+    """The kept checkpoint with the highest validation Dice (the earliest of equal ones).
+
+    Only checkpoints that still exist are candidates, so `best` never silently falls back
+    to `last` because the step with the highest logged Dice was deleted: the retention
+    policy keeps one best checkpoint (the earliest of equal values), and this is it. The
+    Dice stored with each checkpoint is used; runs whose checkpoints carry none fall back
+    to `metrics/valid.jsonl`, restricted to the kept steps. None when no kept checkpoint
+    was validated.
+    """
+    steps = set(mngr.all_steps())
+    scored = []
+    for step in steps:
+        metrics = mngr.metrics(step)
+        if metrics and metrics.get(ckpt_lib.METRIC_KEY) is not None:
+            scored.append((float(metrics[ckpt_lib.METRIC_KEY]), step))
+    if not scored:
+        scored = [
+            (float(r["dice"]), int(r["step"]))
+            for r in valid_records
+            if r.get("dice") is not None and r.get("step") in steps
+        ]
+    scored = [(dice, -step) for dice, step in scored if np.isfinite(dice)]
+    return -max(scored)[1] if scored else None
+
+
 def restore_run(run_dir: str | Path, checkpoint: str | int = "best") -> RestoredRun:
     """Config, task and parameters (EMA if kept) of a run's checkpoint."""
     run_dir = runs.check_run_dir(run_dir)
@@ -190,11 +245,8 @@ def restore_run(run_dir: str | Path, checkpoint: str | int = "best") -> Restored
     info = imgx_data.dataset_info(cfg.data.name, data_dir=cfg.data.data_dir)
     task = tasks.Task(cfg, info)
     mngr = ckpt_lib.manager(run_dir, read_only=True)
-    best = None
-    for record in runs.read_jsonl(run_dir / "metrics" / "valid.jsonl"):
-        if record.get("dice") is not None and (best is None or record["dice"] > best[1]):
-            best = (record["step"], record["dice"])
-    step = ckpt_lib.select_step(mngr, checkpoint, best[0] if best else None)
+    records = runs.read_jsonl(run_dir / "metrics" / "valid.jsonl")
+    step = ckpt_lib.select_step(mngr, checkpoint, best_step(mngr, records))
     target = tasks.init_state(cfg, task, optim.optimizer(cfg.optimizer))
     step, state, _ = ckpt_lib.restore(mngr, step, target)
     mngr.close()

@@ -2,61 +2,132 @@
 
 Each input case (a file, or `<case>_0000`, `_0001`, ... channel files) is put on the
 dataset's spacing and intensities exactly as at training, predicted (whole image or
-Gaussian-blended sliding windows, stitched on the host so device memory stays bounded),
-and resampled back onto its own grid. Diffusion runs with `num_samples` S > 1 give an
-ensemble: the label of the mean probabilities plus uncertainty maps (predictive entropy
-and the variance across samples averaged over classes). A bad input is reported and
-skipped; the other cases are still written.
+Gaussian-blended sliding windows, stitched on the host), and resampled back onto its own
+grid. Diffusion runs with `num_samples` S > 1 give an ensemble: the label of the mean
+probabilities plus uncertainty maps (predictive entropy and the variance across samples
+averaged over classes).
+
+Memory stays bounded: only the final sampling step of each sample is copied back and
+stitched (not the K intermediate ones), and the S samples are summed on the host in
+running sums (`RunningEnsemble`), never stacked. Case keys come from the seed and the
+case name, so a case gets the same prediction alone or in a folder.
+
+A bad input (a channel missing or too many, a file that does not fit the naming, a 2D
+image for a 3D model, an unreadable file) is listed in `failures` with a message naming
+the file and what is expected, and nothing is written for it; the other cases are still
+written.
 """
 
 from __future__ import annotations
 
 import os
+import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 
 import imgx_data
-import imgx_diffusion as idf
+from imgx_data import scans as scans_lib
 from imgx_train import evaluation
 
-_IMAGE_SUFFIXES = (".nii.gz", ".nii", ".png", ".mha", ".nrrd")
 
-
-def _case_name(path: Path) -> str:
-    name = path.name
-    for suffix in _IMAGE_SUFFIXES:
-        if name.lower().endswith(suffix):
-            name = name[: -len(suffix)]
-            break
-    return name[:-5] if len(name) > 5 and name[-5] == "_" and name[-4:].isdigit() else name
-
-
-def _cases(inputs: Path, num_channels: int) -> dict[str, list[Path]]:
+def _cases(inputs: Path, num_channels: int) -> tuple[dict[str, list[Path]], list[tuple[Path, str]]]:
+    """The cases of a file or folder, and the files that cannot be predicted."""
     if not inputs.exists():
         raise FileNotFoundError(f"input {inputs} does not exist")
     if inputs.is_dir():
-        return imgx_data.find_scans(inputs, num_channels)
-    if num_channels > 1:
-        # A single channel file of a multi-channel case: take its siblings.
-        case = _case_name(inputs)
-        scans = imgx_data.find_scans(inputs.parent, num_channels)
-        if case not in scans:
-            raise imgx_data.DatasetError(
-                f"{inputs}: the model needs {num_channels} channels as {case}_0000 ... "
-                f"{case}_{num_channels - 1:04d} next to each other"
+        found = scans_lib.find_scans(inputs, num_channels)
+        return found.cases, found.problems
+    case = scans_lib.case_of(inputs)
+    if case is None:
+        return {}, [
+            (
+                inputs,
+                f"{inputs}: not an image file; the model reads "
+                f"{', '.join(scans_lib.IMAGE_ENDINGS)}.",
             )
-        return {case: scans[case]}
-    return {_case_name(inputs): [inputs]}
+        ]
+    # A single file: its own case only (with its sibling channel files).
+    found = scans_lib.find_scans(inputs.parent, num_channels, case=case)
+    return found.cases, found.problems
+
+
+class Ensemble(NamedTuple):
+    """Summary of S samples of class probabilities (*spatial, C) on the prediction grid.
+
+    Attributes:
+      mean: Σ_s p_s / S, (*spatial, C).
+      label: the task's label of `mean` (argmax, or nested regions: #{regions ≥ 0.5}).
+      entropy: predictive entropy of `mean`, −Σ_c m log m (nested regions: binary entropy
+        summed over regions), (*spatial).
+      variance: population variance over samples, Σ_s (p_s − mean)² / S, averaged over
+        classes, (*spatial).
+    """
+
+    mean: np.ndarray
+    label: np.ndarray
+    entropy: np.ndarray
+    variance: np.ndarray
+
+
+class RunningEnsemble:
+    """Accumulates samples on the host in running sums: memory does not grow with S.
+
+    Holds two arrays of one sample's size (the sum and Welford's sum of squared deviations,
+    which avoids the cancellation of Σp² − S·mean²), in float32 like the samples.
+    """
+
+    def __init__(self, *, overlapping: bool):
+        self.overlapping = overlapping
+        self.count = 0
+        self._total: np.ndarray | None = None
+        self._m2: np.ndarray | None = None
+
+    def add(self, probabilities: np.ndarray) -> None:
+        """Adds one sample's probabilities (*spatial, C)."""
+        x = np.asarray(probabilities, np.float32)
+        self.count += 1
+        if self._total is None:
+            self._total = x.copy()
+            self._m2 = np.zeros_like(x)
+            return
+        previous = self._total / (self.count - 1)
+        self._total += x
+        self._m2 += (x - previous) * (x - self._total / self.count)
+
+    def result(self) -> Ensemble:
+        if self._total is None:
+            raise ValueError("RunningEnsemble.result: no sample was added.")
+        mean = self._total / self.count
+
+        def plogp(p):
+            return np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0)
+
+        if self.overlapping:  # region i = label >= i, as imgx_diffusion derives it
+            label = np.sum(mean >= 0.5, axis=-1)
+            entropy = -np.sum(plogp(mean) + plogp(1.0 - mean), axis=-1)
+        else:
+            label = np.argmax(mean, axis=-1)
+            entropy = -np.sum(plogp(mean), axis=-1)
+        variance = np.mean(self._m2 / self.count, axis=-1)
+        return Ensemble(mean, label.astype(np.uint8), entropy, variance)
+
+
+def case_key(base_key: jax.Array, case: str) -> jax.Array:
+    """The key of a case: from its name, so it does not depend on the other inputs."""
+    return jax.random.fold_in(base_key, zlib.crc32(case.encode()) & 0x7FFFFFFF)
 
 
 def _write(path: Path, array: np.ndarray, geometry: imgx_data.Geometry) -> Path:
     """Writes atomically: a crash never leaves a half-written file under the final name."""
     tmp = path.with_name(f".{path.name}.partial{''.join(path.suffixes)}")
-    imgx_data.write_image(tmp, array, geometry)
-    os.replace(tmp, path)
+    try:
+        imgx_data.write_image(tmp, array, geometry)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -89,15 +160,15 @@ def predict(
         raise ValueError(f"num_samples must be at least 1, got {num_samples}")
     if num_samples > 1 and not task.is_diffusion:
         raise ValueError("num_samples > 1 needs a diffusion run: a seg model is deterministic")
-    cases = _cases(Path(inputs), info.num_channels)
+    cases, problems = _cases(Path(inputs), info.num_channels)
     predict_fn = task.predict_fn(sampler, num_steps, cfg.eval.eta)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     base_key = jax.random.key(seed)
 
     written: list[str] = []
-    failures: list[tuple[str, str]] = []
-    for index, (case, paths) in enumerate(cases.items()):
+    failures: list[tuple[str, str]] = [(str(path), message) for path, message in problems]
+    for case, paths in cases.items():
         try:
             scan = imgx_data.prepare_scan(
                 paths,
@@ -106,48 +177,45 @@ def predict(
                 intensity=info.intensity,
                 case=case,
             )
-            if scan.image.ndim - 1 != info.num_spatial_dims:
-                raise imgx_data.DatasetError(
-                    f"{paths[0]}: a {scan.image.ndim - 1}D image, but the model of "
-                    f"{restored.run_dir.name} segments {info.num_spatial_dims}D images"
+            key = case_key(base_key, case)
+            running = RunningEnsemble(overlapping=task.overlapping)
+            for s in range(num_samples):
+                probabilities = evaluation.case_probabilities(
+                    task,
+                    predict_fn,
+                    restored.params,
+                    jax.random.fold_in(key, s),
+                    scan.image,
+                    last_step_only=True,  # the other steps are never copied or stitched
                 )
-            key = jax.random.fold_in(base_key, index)
-            samples = np.stack(
-                [
-                    evaluation.case_probabilities(
-                        task, predict_fn, restored.params, jax.random.fold_in(key, s), scan.image
-                    )[..., -1]
-                    for s in range(num_samples)
-                ]
-            )
-            ensemble = idf.ensemble_from_probabilities(samples, overlapping=task.overlapping)
-            label = np.asarray(ensemble.label).astype(np.uint8)
-            label = imgx_data.postprocess(info.name, label, scan.grid.spacing)
-            outputs = {f"{case}.nii.gz": (imgx_data.restore_scan_label(label, scan), False)}
+                running.add(probabilities[..., 0])
+            ensemble = running.result()
+            label = imgx_data.postprocess(info.name, ensemble.label, scan.grid.spacing)
+            outputs = {f"{case}.nii.gz": imgx_data.restore_scan_label(label, scan)}
             if num_samples > 1:
-                outputs[f"{case}_entropy.nii.gz"] = (np.asarray(ensemble.entropy), True)
-                outputs[f"{case}_variance.nii.gz"] = (np.asarray(ensemble.variance), True)
-            for name, (array, resample) in outputs.items():
-                if resample:
-                    array = imgx_data.resample_to_geometry(
-                        array.astype(np.float32), scan.grid, scan.original, is_label=False
-                    )
-                written.append(str(_write(output_dir / name, array, scan.original)))
+                outputs[f"{case}_entropy.nii.gz"] = _resample(ensemble.entropy, scan)
+                outputs[f"{case}_variance.nii.gz"] = _resample(ensemble.variance, scan)
             if save_probabilities:
-                probabilities = np.stack(
-                    [
-                        imgx_data.resample_to_geometry(
-                            np.asarray(ensemble.probabilities[..., c], np.float32),
-                            scan.grid,
-                            scan.original,
-                            is_label=False,
-                        )
-                        for c in range(task.num_channels)
-                    ],
+                outputs[f"{case}_probabilities.nii.gz"] = np.stack(
+                    [_resample(ensemble.mean[..., c], scan) for c in range(task.num_channels)],
                     axis=-1,
                 )
-                path = output_dir / f"{case}_probabilities.nii.gz"
-                written.append(str(_write(path, probabilities, scan.original)))
+            done: list[Path] = []
+            try:
+                for name, array in outputs.items():
+                    done.append(_write(output_dir / name, array, scan.original))
+            except BaseException:
+                for path in done:  # all of a case's files or none
+                    path.unlink(missing_ok=True)
+                raise
+            written += [str(path) for path in done]
         except (imgx_data.DatasetError, ValueError, OSError, RuntimeError) as e:
             failures.append((str(paths[0]), str(e)))
-    return {"written": written, "failures": failures}
+    return {"written": written, "failures": sorted(failures)}
+
+
+def _resample(array: np.ndarray, scan: imgx_data.PreparedScan) -> np.ndarray:
+    """A float map on the prediction grid, linearly resampled onto the scan's own grid."""
+    return imgx_data.resample_to_geometry(
+        np.asarray(array, np.float32), scan.grid, scan.original, is_label=False
+    )

@@ -136,8 +136,9 @@ def summarize(rows: Sequence[Mapping[str, Any]], class_names: Sequence[str]) -> 
       excluded (std with ddof=0, count = cases with a value);
       "empty": {class: {"both_empty", "prediction_empty", "reference_empty"}} case counts
       (exclusive: prediction_empty = a missed structure, reference_empty = a pure false
-      positive), from the volumes;
-      "per_step": {"step_<k>": {"foreground_mean": {...}}} for rows with step metrics}``.
+      positive), from the volumes ({} for rows without volumes);
+      "per_step": {"step_<k>": {"foreground_mean": {...}}} for rows with step metrics, {}
+      without (seg, or a single sampling step)}``. Every key is always present.
     """
     names = _metric_columns(rows, class_names)
     num_classes = len(class_names)
@@ -165,14 +166,13 @@ def summarize(rows: Sequence[Mapping[str, Any]], class_names: Sequence[str]) -> 
             }
             for k, class_name in enumerate(class_names)
         }
+    else:
+        summary["empty"] = {}
     steps = sorted({int(m["step"]) for name in names if (m := _STEP_KEY.match(name))})
-    if steps:
-        summary["per_step"] = {
-            f"step_{step}": {
-                "foreground_mean": _foreground_mean(table, f"_step_{step}", num_classes)
-            }
-            for step in steps
-        }
+    summary["per_step"] = {
+        f"step_{step}": {"foreground_mean": _foreground_mean(table, f"_step_{step}", num_classes)}
+        for step in steps
+    }
     return summary
 
 
