@@ -1,4 +1,5 @@
-"""Benchmark of training input: loader throughput and on-device augmentation per batch.
+"""Benchmark of training input: loader throughput and on-device augmentation per batch,
+compared with the train step they feed, all measured in one run.
 
 For the built-in phantoms (2D ``phantom`` 96×96×1 at batch 32, 3D ``phantom_3d`` 64×64×32×1
 at batch 2; built on first use into the imgx data dir), times
@@ -6,10 +7,17 @@ at batch 2; built on first use into the imgx data dir), times
 - ``loader``: ``imgx_data.TrainIterator`` batches placed on the default device (reading the
   array_record source, stacking, transfer), in samples/s and ms per batch;
 - ``augment``: ``imgx_data.augment_batch`` with the published default ranges, jitted, after
-  warm-up, in ms per batch on the device.
+  warm-up, in ms per batch on the device;
+- ``train_step``: the jitted train step of imgx-train's preset for that dataset
+  (``imgx_train.trainer.make_train_step``: augmentation, forward, backward, optimizer, EMA)
+  at the same batch size, on a fixed batch, median after compilation. The segmentation
+  task is used: its step is the cheapest (a diffusion step adds the recycling forward
+  pass), so the ratio below is the conservative one;
+- ``input_to_step_ratio`` = (loader + augment ms per batch) / train step ms. Loading runs
+  in background threads while the device steps, so input is not the bottleneck while the
+  ratio stays well below 1 (it counts the augmentation twice: the step includes it).
 
-``bench/run.py`` compares these with the train step time: input is not the bottleneck while
-``loader_ms_per_batch`` and ``augment_ms_per_batch`` stay well below the step time.
+Imports ``imgx_train`` (bench/ is outside the package boundaries; imgx-data itself does not).
 
 Usage: ``uv run python bench/bench_loading.py [--quick] [--data-dir DIR] [--out FILE]``.
 """
@@ -18,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 
 import jax
@@ -52,6 +61,34 @@ def _time_augmentation(batch: dict, repeats: int) -> float:
     return (time.perf_counter() - start) / repeats
 
 
+def _time_train_step(name: str, batch: dict, data_dir: str | None, steps: int) -> float:
+    """Median seconds of imgx-train's jitted seg train step for ``name``'s preset at the
+    batch's size, after compilation."""
+    from imgx_train import optim, presets, tasks, trainer
+
+    batch_size = int(batch["image"].shape[0])
+    cfg = presets.make_config(
+        name,
+        task="seg",
+        overrides={"data.global_batch_size": batch_size, "data.data_dir": data_dir},
+    )
+    task = tasks.Task(cfg, imgx_data.dataset_info(name, data_dir))
+    tx = optim.optimizer(cfg.optimizer)
+    num_micro = trainer.accumulation_steps(batch_size, 1, cfg.data.max_batch_per_device)
+    state = jax.jit(lambda: tasks.init_state(cfg, task, tx))()
+    step = jax.jit(trainer.make_train_step(cfg, task, tx, num_micro), donate_argnums=(0,))
+    arrays = {field: batch[field] for field in ("image", "label", "spacing")}
+    state, metrics = step(state, arrays)  # compiles
+    jax.block_until_ready(metrics)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        state, metrics = step(state, arrays)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def run(quick: bool, data_dir: str | None = None) -> dict:
     """Times every case; ``quick`` uses a few batches only."""
     num_batches = 5 if quick else 40
@@ -64,12 +101,15 @@ def run(quick: bool, data_dir: str | None = None) -> dict:
         batch = next(iterator)
         iterator.close()  # no reads in the background while timing the device
         augment_s = _time_augmentation(batch, num_batches)
+        step_s = _time_train_step(name, batch, data_dir, 3 if quick else 10)
         results["cases"][name] = {
             "shape": list(source[0]["image"].shape),
             "batch_size": batch_size,
             "loader_samples_per_s": batch_size / loader_s,
             "loader_ms_per_batch": 1e3 * loader_s,
             "augment_ms_per_batch": 1e3 * augment_s,
+            "train_step_ms": 1e3 * step_s,
+            "input_to_step_ratio": (loader_s + augment_s) / step_s,
         }
     return results
 
@@ -77,16 +117,18 @@ def run(quick: bool, data_dir: str | None = None) -> dict:
 def _print_table(results: dict) -> None:
     print(f"device: {results['device']}")
     header = (
-        f"{'dataset':<12}{'shape':<18}{'batch':>6}{'samples/s':>12}{'load ms':>10}{'aug ms':>10}"
+        f"{'dataset':<12}{'shape':<14}{'batch':>6}{'samples/s':>11}{'load ms':>9}"
+        f"{'aug ms':>9}{'step ms':>10}{'(load+aug)/step':>17}"
     )
     print(header)
     print("-" * len(header))
     for name, case in results["cases"].items():
         shape = "×".join(str(n) for n in case["shape"])
         print(
-            f"{name:<12}{shape:<18}{case['batch_size']:>6}"
-            f"{case['loader_samples_per_s']:>12.1f}{case['loader_ms_per_batch']:>10.2f}"
-            f"{case['augment_ms_per_batch']:>10.2f}"
+            f"{name:<12}{shape:<14}{case['batch_size']:>6}"
+            f"{case['loader_samples_per_s']:>11.1f}{case['loader_ms_per_batch']:>9.2f}"
+            f"{case['augment_ms_per_batch']:>9.2f}{case['train_step_ms']:>10.1f}"
+            f"{case['input_to_step_ratio']:>17.3f}"
         )
 
 

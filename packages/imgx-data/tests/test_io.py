@@ -1,11 +1,14 @@
 """Tests of image I/O and the (x, y[, z]) axis convention."""
 
+import gzip
+import struct
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
 from imgx_data import DatasetError, Geometry, read_channels, read_image, write_image
-from imgx_data.io import check_same_geometry
+from imgx_data.io import check_same_geometry, nifti_nonfinite_count, read_sitk_image
 
 GEOMETRY_3D = Geometry(
     shape=(5, 4, 3),
@@ -109,3 +112,79 @@ def test_png_write_round_trip_and_range(tmp_path):
     np.testing.assert_array_equal(read, label)
     with pytest.raises(ValueError, match=r"PNG values must be in \[0, 255\]"):
         write_image(tmp_path / "q.png", label.astype(np.int32) * 200, geometry)
+
+
+def _nifti1(order: str, data: np.ndarray, vox_offset: float = 352.0) -> bytes:
+    """A hand-written single-file NIfTI-1 (byte order ``order``) holding ``data`` as float32."""
+    header = bytearray(int(vox_offset))
+    struct.pack_into(f"{order}i", header, 0, 348)
+    struct.pack_into(f"{order}8h", header, 40, 3, *data.shape, 1, 1, 1, 1)
+    struct.pack_into(f"{order}hh", header, 70, 16, 32)  # datatype FLOAT32, bitpix
+    struct.pack_into(f"{order}8f", header, 76, 1, 1, 1, 1, 1, 1, 1, 1)  # pixdim
+    struct.pack_into(f"{order}ff", header, 108, vox_offset, 1.0)  # vox_offset, scl_slope
+    header[344:348] = b"n+1\0"
+    return bytes(header) + data.astype(f"{order}f4").tobytes(order="F")
+
+
+def _nifti2(data: np.ndarray) -> bytes:
+    """A little-endian single-file NIfTI-2 (540-byte header) holding ``data`` as float64."""
+    header = bytearray(544)
+    struct.pack_into("<i", header, 0, 540)
+    header[4:12] = b"n+2\0\r\n\x1a\n"
+    struct.pack_into("<hh", header, 12, 64, 64)  # datatype FLOAT64, bitpix
+    struct.pack_into("<8q", header, 16, 3, *data.shape, 1, 1, 1, 1)
+    struct.pack_into("<q", header, 168, 544)  # vox_offset
+    return bytes(header) + data.astype("<f8").tobytes(order="F")
+
+
+def _with_nonfinite(shape=(4, 3, 2)):
+    data = np.ones(shape, np.float32)
+    data[0, 0, 0], data[3, 2, 1], data[1, 1, 0] = np.nan, np.inf, -np.inf
+    return data
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_nonfinite_nifti_is_found_although_itk_reads_zero(tmp_path, suffix, dtype):
+    path = tmp_path / f"scan{suffix}"
+    sitk.WriteImage(sitk.GetImageFromArray(_with_nonfinite().astype(dtype)), str(path))
+    assert np.isfinite(sitk.GetArrayFromImage(sitk.ReadImage(str(path)))).all()  # ITK: 0
+    assert nifti_nonfinite_count(path) == 3
+    with pytest.raises(DatasetError, match=rf"scan{suffix}: 3 NaN or infinite values"):
+        read_sitk_image(path)
+    with pytest.raises(DatasetError, match=rf"scan{suffix}: 3 NaN or infinite values"):
+        read_image(path)
+
+
+def test_nonfinite_count_of_hand_written_headers(tmp_path):
+    data = _with_nonfinite((5, 3, 2))
+    (tmp_path / "be.nii").write_bytes(_nifti1(">", data))
+    (tmp_path / "le.nii.gz").write_bytes(gzip.compress(_nifti1("<", data, vox_offset=400.0)))
+    (tmp_path / "two.nii").write_bytes(_nifti2(data))
+    assert nifti_nonfinite_count(tmp_path / "be.nii") == 3
+    assert nifti_nonfinite_count(tmp_path / "le.nii.gz") == 3
+    assert nifti_nonfinite_count(tmp_path / "two.nii") == 3
+    # ITK reads the big-endian file with the NaN/inf as 0 (the layout is what ITK reads).
+    itk = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "be.nii"))).T
+    np.testing.assert_array_equal(itk, np.where(np.isfinite(data), data, 0))
+
+
+def test_nonfinite_count_is_zero_for_integers_other_formats_and_junk(tmp_path):
+    image = sitk.GetImageFromArray(np.arange(24, dtype=np.int16).reshape(2, 3, 4))
+    sitk.WriteImage(image, str(tmp_path / "int.nii.gz"))
+    sitk.WriteImage(sitk.GetImageFromArray(_with_nonfinite()), str(tmp_path / "nan.mha"))
+    (tmp_path / "junk.nii.gz").write_bytes(b"\x1f\x8bjunk")
+    (tmp_path / "short.nii").write_bytes(_nifti1("<", _with_nonfinite())[:360])
+    assert nifti_nonfinite_count(tmp_path / "int.nii.gz") == 0
+    assert nifti_nonfinite_count(tmp_path / "nan.mha") == 0  # checked on ITK's array
+    assert nifti_nonfinite_count(tmp_path / "junk.nii.gz") == 0  # left to the reader
+    assert nifti_nonfinite_count(tmp_path / "short.nii") == 1  # what is there is checked
+    with pytest.raises(DatasetError, match=r"junk.nii.gz: cannot be read"):
+        read_image(tmp_path / "junk.nii.gz")
+
+
+def test_nonfinite_in_a_4d_nifti(tmp_path):
+    volumes = [np.full((2, 3, 4), np.nan, np.float32), np.ones((2, 3, 4), np.float32)]
+    image = sitk.JoinSeries([sitk.GetImageFromArray(v) for v in volumes])
+    sitk.WriteImage(image, str(tmp_path / "msd.nii.gz"))
+    assert nifti_nonfinite_count(tmp_path / "msd.nii.gz") == 24

@@ -158,8 +158,20 @@ def _rewrite_json(**changes):
     return change
 
 
+def _nonfinite_nifti(name, value):
+    """One NaN/inf voxel in a float32 .nii.gz image (ITK's reader would make it 0)."""
+
+    def change(raw):
+        path = raw / "imagesTr" / name
+        array, geometry = imgx_data.read_image(path)
+        array[2, 3, 1] = value
+        write_image(path, array.astype(np.float32), geometry)
+
+    return change
+
+
 def _nan_mha(raw):
-    # ITK's NIfTI reader turns NaN into 0, so use MetaImage, which keeps NaN.
+    # Other formats (here MetaImage, which keeps NaN) are checked on ITK's array.
     for path in sorted((raw / "imagesTr").glob("*.nii.gz")) + sorted((raw / "labelsTr").glob("*")):
         image = sitk.ReadImage(str(path))
         if "imagesTr" in str(path) and path.name.startswith("case001"):
@@ -220,6 +232,16 @@ BAD_FOLDERS = [
     pytest.param(_label_value, r"case002.nii.gz: label values \[7\]", id="label value"),
     pytest.param(_nan_mha, r"case001_0000.mha: 1 NaN or infinite", id="NaN"),
     pytest.param(
+        _nonfinite_nifti("case001_0000.nii.gz", np.nan),
+        r"imagesTr/case001_0000.nii.gz: 1 NaN or infinite values in the raw NIfTI data",
+        id="NIfTI NaN",
+    ),
+    pytest.param(
+        _nonfinite_nifti("case003_0001.nii.gz", np.inf),
+        r"imagesTr/case003_0001.nii.gz: 1 NaN or infinite values in the raw NIfTI data",
+        id="NIfTI inf",
+    ),
+    pytest.param(
         _splits({"train": ["case000", "nope"]}), r"splits.json: case 'nope'", id="splits unknown"
     ),
     pytest.param(
@@ -249,3 +271,30 @@ def test_bad_names(tmp_path):
         _build(tmp_path, tmp_path / "raw", name="My Data")
     with pytest.raises(DatasetError, match="needs a name"):
         imgx_data.build("nifti_folder", manual_dir=tmp_path / "raw", data_dir=tmp_path)
+
+
+def test_failed_overwrite_keeps_the_existing_build(tmp_path):
+    raw, data = tmp_path / "raw", tmp_path / "data"
+    write_nnunet(raw, 4, channels=1)
+    first = _build(tmp_path, raw)
+    before = [imgx_data.data_source("mine", "train", data)[i] for i in range(2)]
+    # Fails while writing (NaN found when case002 is read), after TFDS would have
+    # deleted the old build.
+    image = raw / "imagesTr" / "case002_0000.nii.gz"
+    clean = image.read_bytes()
+    _nonfinite_nifti("case002_0000.nii.gz", np.nan)(raw)
+    with pytest.raises(DatasetError, match=r"case002_0000.nii.gz: 1 NaN or infinite"):
+        _build(tmp_path, raw, overwrite=True, shape=(4, 4, 4))
+    assert imgx_data.dataset_info("mine", data) == first
+    after = [imgx_data.data_source("mine", "train", data)[i] for i in range(2)]
+    for old, new in zip(before, after, strict=True):
+        assert old["uid"] == new["uid"]
+        np.testing.assert_array_equal(old["image"], new["image"])
+    assert [p.name for p in data.iterdir()] == ["mine"]  # no staging folder left
+    assert [p.name for p in (data / "mine").iterdir()] == ["1.0.0"]
+    # A successful overwrite replaces the build.
+    image.write_bytes(clean)
+    rebuilt = _build(tmp_path, raw, overwrite=True, shape=(4, 4, 4))
+    assert rebuilt.image_shape == (4, 4, 4) != first.image_shape
+    assert imgx_data.data_source("mine", "test", data)[0]["image"].shape == (4, 4, 4, 1)
+    assert [p.name for p in data.iterdir()] == ["mine"]

@@ -9,8 +9,11 @@ PNG, ``x`` is the column and ``y`` the row. Channels, where present, are last.
 from __future__ import annotations
 
 import dataclasses
+import gzip
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import SimpleITK as sitk
@@ -160,16 +163,109 @@ def _to_grayscale(image: sitk.Image) -> sitk.Image:
     return gray
 
 
+# NIfTI-1/2 float datatype codes -> numpy dtype (float128 / complex256 are left to ITK).
+_NIFTI_FLOAT_TYPES = {16: "f4", 64: "f8", 32: "c8", 1792: "c16"}
+_NIFTI_CHUNK_BYTES = 1 << 24
+
+
+def _nifti_layout(header: bytes) -> tuple[np.dtype, int, int] | None:
+    """``(dtype, voxel count, data offset)`` of a single-file NIfTI-1/2 header whose data
+    is floating point, else None (integer data, ``.hdr``/``.img`` pairs, not NIfTI).
+
+    NIfTI-1 (348-byte header): ``dim`` int16[8] at 40, ``datatype`` int16 at 70,
+    ``vox_offset`` float32 at 108, magic ``n+1`` at 344. NIfTI-2 (540 bytes): magic
+    ``n+2`` at 4, ``datatype`` int16 at 12, ``dim`` int64[8] at 16, ``vox_offset`` int64
+    at 168. The byte order is the one in which ``sizeof_hdr`` reads 348 or 540.
+    """
+    if len(header) < 348:
+        return None
+    for order in "<>":
+        size = int(np.frombuffer(header, f"{order}i4", count=1)[0])
+        if size == 348 and header[344:347] == b"n+1":
+            datatype = int(np.frombuffer(header, f"{order}i2", count=1, offset=70)[0])
+            dim = np.frombuffer(header, f"{order}i2", count=8, offset=40).astype(np.int64)
+            offset = int(np.frombuffer(header, f"{order}f4", count=1, offset=108)[0])
+            offset = max(offset, 352)
+            break
+        if size == 540 and len(header) >= 540 and header[4:7] == b"n+2":
+            datatype = int(np.frombuffer(header, f"{order}i2", count=1, offset=12)[0])
+            dim = np.frombuffer(header, f"{order}i8", count=8, offset=16)
+            offset = max(int(np.frombuffer(header, f"{order}i8", count=1, offset=168)[0]), 544)
+            break
+    else:
+        return None
+    if datatype not in _NIFTI_FLOAT_TYPES or not 1 <= dim[0] <= 7:
+        return None
+    count = int(np.prod(np.maximum(dim[1 : dim[0] + 1], 1)))
+    return np.dtype(order + _NIFTI_FLOAT_TYPES[datatype]), count, offset
+
+
+def _open_nifti(path: Path) -> BinaryIO:
+    with path.open("rb") as file:
+        gzipped = file.read(2) == b"\x1f\x8b"
+    return gzip.open(path, "rb") if gzipped else path.open("rb")
+
+
+def nifti_nonfinite_count(path: str | Path) -> int:
+    """Number of NaN or infinite values in the raw voxel data of a NIfTI file.
+
+    ITK's NIfTI reader silently turns NaN and infinity into 0, so a check on the image it
+    returns cannot see them; this reads the raw data (``.nii`` or gzipped ``.nii.gz``) with
+    numpy in chunks, for floating-point datatypes only.
+
+    Returns:
+        The count; 0 for integer data, other formats, and headers that are not single-file
+        NIfTI-1/2 (unreadable files are left to the image reader to report).
+    """
+    path = Path(path)
+    name = path.name.lower()
+    if not (name.endswith(".nii") or name.endswith(".nii.gz")) or not path.is_file():
+        return 0
+    try:
+        with _open_nifti(path) as file:
+            layout = _nifti_layout(file.read(540))
+            if layout is None:
+                return 0
+            dtype, count, offset = layout
+            file.seek(offset)
+            remaining, bad = count * dtype.itemsize, 0
+            chunk = max(_NIFTI_CHUNK_BYTES // dtype.itemsize, 1) * dtype.itemsize
+            while remaining > 0:
+                wanted = min(chunk, remaining)
+                data = file.read(wanted)
+                values = np.frombuffer(data, dtype, count=len(data) // dtype.itemsize)
+                bad += values.size - int(np.count_nonzero(np.isfinite(values)))
+                if len(data) < wanted:
+                    break  # truncated: the image reader reports it
+                remaining -= wanted
+            return bad
+    except (OSError, EOFError, ValueError, zlib.error):
+        return 0
+
+
+def check_nifti_finite(path: str | Path) -> None:
+    """Raises DatasetError naming ``path`` if its raw NIfTI data holds NaN or infinity."""
+    bad = nifti_nonfinite_count(path)
+    if bad:
+        raise DatasetError(
+            f"{path}: {bad} NaN or infinite values in the raw NIfTI data (ITK would "
+            "read them as 0); fix or drop the file."
+        )
+
+
 def read_sitk_image(path: str | Path) -> sitk.Image:
     """Reads one image file (NIfTI, PNG, ...) with SimpleITK; PNG colour becomes grayscale.
 
     4D NIfTI files (Medical Segmentation Decathlon multi-channel images) are returned as a
-    3D vector image with the 4th axis as channels.
+    3D vector image with the 4th axis as channels. Floating-point NIfTI files are first
+    checked for NaN/infinity in their raw data (:func:`nifti_nonfinite_count`), which ITK's
+    reader would silently turn into 0.
 
     Raises:
-        DatasetError: the file is missing or unreadable.
+        DatasetError: the file is missing, unreadable, or a NIfTI file holds NaN/infinity.
     """
     path = Path(path)
+    check_nifti_finite(path)
     image = _read_sitk(path)
     if image.GetDimension() == 4:
         channels = [image[:, :, :, c] for c in range(image.GetSize()[3])]
@@ -177,6 +273,31 @@ def read_sitk_image(path: str | Path) -> sitk.Image:
     if path.suffix.lower() == ".png":
         image = _to_grayscale(image)
     return image
+
+
+def read_header(path: str | Path) -> Geometry:
+    """Grid of an image file from its header only (spatial part of a 4D file).
+
+    Raises:
+        DatasetError: the file is missing or unreadable.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"{path}: file not found.")
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as exc:
+        raise DatasetError(f"{path}: cannot be read as an image.") from exc
+    ndim = min(reader.GetDimension(), 3)
+    direction = np.asarray(reader.GetDirection()).reshape(reader.GetDimension(), -1)
+    return Geometry(
+        shape=tuple(int(s) for s in reader.GetSize()[:ndim]),
+        spacing=tuple(float(s) for s in reader.GetSpacing()[:ndim]),
+        origin=tuple(float(s) for s in reader.GetOrigin()[:ndim]),
+        direction=tuple(float(v) for v in direction[:ndim, :ndim].ravel()),
+    )
 
 
 def image_channels(image: sitk.Image) -> list[sitk.Image]:

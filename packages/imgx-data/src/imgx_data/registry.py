@@ -239,29 +239,55 @@ def build(
     path = _dataset_path(dataset_name, root)
     if _is_built(path) and not overwrite:
         return _info_from_disk(dataset_name, path)
-    existed = (root / dataset_name).exists()
-    with _extracted(manual_dir) as raw, tempfile.TemporaryDirectory(prefix="imgx-dl-") as dl:
+    # Build into a temporary data dir next to the datasets and swap it in at the end, so
+    # that a failed (re)build leaves the data dir as it was: no half-written dataset, and
+    # an existing build survives a failed overwrite (TFDS itself deletes it first).
+    root_existed = root.exists()
+    with _extracted(manual_dir) as raw:
+        root.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".imgx-build-{dataset_name}-", dir=root))
         try:
             if name == NIFTI_FOLDER:
-                builder = nifti_folder_builder(dataset_name)(root=raw, data_dir=root, **options)
+                builder = nifti_folder_builder(dataset_name)(root=raw, data_dir=staging, **options)
             else:
-                builder = BUILDERS[name](data_dir=root, **options)
-            mode = tfds.download.GenerateMode
-            builder.download_and_prepare(
-                download_dir=dl,
-                download_config=tfds.download.DownloadConfig(
-                    manual_dir=None if raw is None else str(raw),
-                    download_mode=mode.REUSE_DATASET_IF_EXISTS
-                    if not overwrite
-                    else mode.FORCE_REDOWNLOAD,
-                ),
-            )
-        except BaseException:
-            # TFDS removes its incomplete dir; also remove the empty parent it created.
-            if not existed:
-                shutil.rmtree(root / dataset_name, ignore_errors=True)
-            raise
+                builder = BUILDERS[name](data_dir=staging, **options)
+            with tempfile.TemporaryDirectory(prefix="imgx-dl-") as dl:
+                builder.download_and_prepare(
+                    download_dir=dl,
+                    download_config=tfds.download.DownloadConfig(
+                        manual_dir=None if raw is None else str(raw),
+                        download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS,
+                    ),
+                )
+            built = _dataset_path(dataset_name, staging)
+            if not _is_built(built):
+                raise DatasetError(f"{dataset_name}: the build wrote no dataset to {built}.")
+            if overwrite or not _is_built(path):  # else another process built it meanwhile
+                _swap_in(built, path, staging)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+            if not root_existed and not any(root.iterdir()):
+                root.rmdir()
     return _info_from_disk(dataset_name, path)
+
+
+def _swap_in(built: Path, path: Path, staging: Path) -> None:
+    """Moves the finished dataset folder ``built`` to ``path``, replacing what is there.
+
+    The old folder is first renamed into ``staging`` (deleted with it) and renamed back
+    if the new one cannot be moved in, so ``path`` holds the old or the new dataset
+    except for the instant between two renames.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    old = staging / "replaced"
+    if path.exists():
+        path.rename(old)
+    try:
+        built.rename(path)
+    except BaseException:
+        if old.exists():
+            old.rename(path)
+        raise
 
 
 def ensure_built(name: str, data_dir: str | Path | None = None) -> DatasetInfo:

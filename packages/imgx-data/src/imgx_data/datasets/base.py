@@ -176,6 +176,11 @@ class ImgxBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         lookup needs ``importlib_resources``, which is not a dependency)."""
         return None
 
+    def _log_download_done(self) -> None:
+        """Silent: :func:`imgx_data.build` writes into a temporary data dir and moves the
+        dataset into place afterwards, so TFDS's "prepared to <dir>" would name the wrong
+        folder."""
+
     @classmethod
     def default_spec(cls) -> DatasetSpec:
         """The spec of the dataset built with the default target grid."""
@@ -254,7 +259,7 @@ def check_finite(array: np.ndarray, path: Path) -> None:
     """Raises DatasetError if an image holds NaN or infinite values."""
     if not np.all(np.isfinite(array)):
         count = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
-        raise DatasetError(f"{path}: {count} NaN or infinite intensities; fix or drop the file.")
+        raise DatasetError(f"{path}: {count} NaN or infinite values; fix or drop the file.")
 
 
 def check_label_values(array: np.ndarray, allowed: Sequence[int], path: Path) -> None:
@@ -294,8 +299,8 @@ def read_case(
             label_geometry,
             Geometry.of(image),
             case=case,
-            reference_name=f"label {label_path.name}",
-            other_name=f"image {path.name}",
+            reference_name=f"label {label_path}",
+            other_name=f"image {path}",
         )
         check_finite(sitk.GetArrayViewFromImage(image), path)
         channels += image_channels(image)

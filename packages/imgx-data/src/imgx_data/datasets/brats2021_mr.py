@@ -25,11 +25,14 @@ from imgx_data.datasets.base import (
     require_dir,
 )
 from imgx_data.errors import DatasetError
+from imgx_data.io import read_header
 from imgx_data.preprocess import PreprocessedCase
 
 MODALITIES = ("t1", "t1ce", "t2", "flair")
 RAW_LABELS = (0, 1, 2, 4)
 BRAIN_BOX_START = (37, 10, 0)
+# Every BraTS 2021 volume is on this grid (x, y, z), 1 mm; the brain box assumes it.
+RAW_SHAPE = (240, 240, 155)
 # Published split of the 1251 training cases (sorted uids): 938 / 31 / 282.
 NUM_CASES, NUM_TRAIN, NUM_TEST = 1251, 938, 282
 
@@ -80,9 +83,24 @@ class Brats2021Mr(ImgxBuilder, skip_registration=True):
     HOMEPAGE = "https://www.synapse.org/brats2021"
     CITATION = "Baid et al., arXiv 2107.02314 (2021)."
 
-    def __init__(self, *, window_start: Sequence[int] = BRAIN_BOX_START, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        window_start: Sequence[int] = BRAIN_BOX_START,
+        raw_shape: Sequence[int] = RAW_SHAPE,
+        **kwargs: Any,
+    ) -> None:
+        """``window_start``/``raw_shape``: the crop start and the grid every raw volume
+        must have (the release's defaults; other values for tests and experiments)."""
         self.window_start = tuple(int(s) for s in window_start)
+        self.raw_shape = tuple(int(s) for s in raw_shape)
         super().__init__(**kwargs)
+        end = np.add(self.window_start, self.target_shape)
+        if np.any(np.less(self.window_start, 0)) or np.any(end > self.raw_shape):
+            raise DatasetError(
+                f"{self.name}: window start {self.window_start} + shape {self.target_shape} "
+                f"does not fit in the raw grid {self.raw_shape}."
+            )
 
     def convert_label(self, seg: np.ndarray) -> np.ndarray:
         """Raw BraTS labels to the stored labels (:func:`nested_regions`)."""
@@ -100,6 +118,18 @@ class Brats2021Mr(ImgxBuilder, skip_registration=True):
                 path = data_dir / uid / f"{uid}_{suffix}.nii.gz"
                 if not path.is_file():
                     raise DatasetError(f"{path}: file of case {uid} not found.")
+        # Check every grid from the headers before writing anything: the fixed brain box
+        # would silently pad or cut a volume of another size.
+        for uid in uids:
+            for suffix in (*MODALITIES, "seg"):
+                path = data_dir / uid / f"{uid}_{suffix}.nii.gz"
+                shape = read_header(path).shape
+                if shape != self.raw_shape:
+                    raise DatasetError(
+                        f"{path}: size {shape} is not the BraTS 2021 grid {self.raw_shape} "
+                        "(x, y, z); the brain-box crop assumes it. Use the files of the "
+                        "BraTS 2021 release as published (not resampled or cropped)."
+                    )
         splits = split_sorted_uids(uids)
         return self._split_examples(
             {split: [data_dir / uid for uid in items] for split, items in splits.items()}

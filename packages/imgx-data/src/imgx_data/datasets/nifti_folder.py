@@ -46,6 +46,7 @@ from imgx_data.io import (
     check_same_geometry,
     compose_channels,
     image_channels,
+    read_header,
     read_sitk_image,
 )
 from imgx_data.preprocess import PreprocessedCase, resampled_grid
@@ -179,26 +180,6 @@ def read_layout(root: Path) -> NiftiFolderLayout:
     raise DatasetError(
         f"{json_path}: neither nnU-Net v2 ('channel_names', 'labels', 'file_ending') nor "
         "Medical Segmentation Decathlon ('modality', 'labels', 'training') keys found."
-    )
-
-
-def read_header(path: Path) -> Geometry:
-    """Grid of an image file from its header only (spatial part of a 4D file)."""
-    if not path.is_file():
-        raise DatasetError(f"{path}: file not found.")
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError as exc:
-        raise DatasetError(f"{path}: cannot be read as an image.") from exc
-    ndim = min(reader.GetDimension(), 3)
-    direction = np.asarray(reader.GetDirection()).reshape(reader.GetDimension(), -1)
-    return Geometry(
-        shape=tuple(int(s) for s in reader.GetSize()[:ndim]),
-        spacing=tuple(float(s) for s in reader.GetSpacing()[:ndim]),
-        origin=tuple(float(s) for s in reader.GetOrigin()[:ndim]),
-        direction=tuple(float(v) for v in direction[:ndim, :ndim].ravel()),
     )
 
 
