@@ -54,6 +54,41 @@ def test_dropout_keeps_expectation():
     assert layers.dropout(x, 0.25, None) is x
 
 
+def test_threefry2x32_known_answers():
+    # Random123's known-answer tests for Threefry-2x32, 20 rounds (kat_vectors).
+    cases = [
+        ((0, 0), (0, 0), (0x6B200159, 0x99BA4EFE)),
+        ((0xFFFFFFFF, 0xFFFFFFFF), (0xFFFFFFFF, 0xFFFFFFFF), (0x1CB996FC, 0xBB002BE7)),
+        ((0x13198A2E, 0x03707344), (0x243F6A88, 0x85A308D3), (0xC4923A9C, 0x483DF7A0)),
+    ]
+    for key, counter, expected in cases:
+        out = layers.threefry2x32(
+            tuple(jnp.uint32(k) for k in key), tuple(jnp.uint32(c) for c in counter)
+        )
+        assert tuple(int(v) for v in out) == expected
+
+
+def test_dropout_mask_rate_and_independence():
+    x = jnp.ones((64, 32, 16))
+    keys = jax.random.split(jax.random.key(3), 2)
+    kept = [np.asarray(layers.dropout(x, 0.1, k) != 0) for k in keys]
+    n = x.size
+    for k in kept:  # Binomial(n, 0.9): within 5 standard deviations
+        assert abs(k.sum() - 0.9 * n) < 5 * np.sqrt(n * 0.9 * 0.1)
+    assert (kept[0] != kept[1]).mean() > 0.1  # different keys, different masks
+    # neighbouring entries are not correlated (a broken counter would repeat masks)
+    assert abs(np.corrcoef(kept[0][..., :-1].ravel(), kept[0][..., 1:].ravel())[0, 1]) < 0.05
+
+
+def test_dropout_mask_does_not_depend_on_sharding():
+    mesh = jax.make_mesh((2,), ("data",))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    x = jax.random.normal(jax.random.key(0), (4, 8, 8, 3))
+    key = jax.random.key(7)
+    f = jax.jit(lambda v, k: layers.dropout(v, 0.3, k))
+    np.testing.assert_array_equal(f(jax.device_put(x, sharding), key), f(x, key))
+
+
 def _lax_conv3d(x, kernel, strides, padding):
     dn = ("NDHWC", "DHWIO", "NDHWC")
     return jax.lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=dn)

@@ -34,14 +34,60 @@ def as_tuple(value: int | Sequence[int], num_spatial_dims: int, name: str) -> tu
     return tuple(int(v) for v in values)
 
 
+_THREEFRY_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+
+
+def threefry2x32(
+    key: tuple[chex.Array, chex.Array], counter: tuple[chex.Array, chex.Array]
+) -> tuple[chex.Array, chex.Array]:
+    """Threefry-2x32 with 20 rounds (Salmon et al. 2011, "Parallel random numbers: as easy as
+    1, 2, 3"): a keyed bijection of the uint32 pair `counter`, elementwise.
+
+    The same function as `jax.random`'s Threefry, written out without a loop so XLA fuses it
+    into its consumer: on CPU, `jax.random.bits` runs the rounds as a rolled loop over
+    full-size state arrays, which falls out of cache beyond ~2M words (40x slower per word
+    at 4M, bench/README.md).
+    """
+    k0, k1 = key
+    ks = (k0, k1, k0 ^ k1 ^ jnp.uint32(0x1BD11BDA))
+    x0, x1 = counter[0] + ks[0], counter[1] + ks[1]
+    for i in range(5):
+        for r in _THREEFRY_ROTATIONS[i % 2]:
+            x0 = x0 + x1
+            x1 = x0 ^ ((x1 << jnp.uint32(r)) | (x1 >> jnp.uint32(32 - r)))
+        x0 = x0 + ks[(i + 1) % 3]
+        x1 = x1 + ks[(i + 2) % 3] + jnp.uint32(i + 1)
+    return x0, x1
+
+
+def random_bits(key: chex.PRNGKey, shape: tuple[int, ...]) -> chex.Array:
+    """Uniform uint32 bits of `shape`: Threefry-2x32 of each entry's row-major index.
+
+    Elementwise in the index, so the result does not depend on how the array is sharded
+    and XLA computes each device's part in one fused loop.
+    """
+    size = math.prod(shape)
+    if size >= 2**32:
+        raise ValueError(f"imgx_nets: random_bits supports < 2**32 entries, got {shape}.")
+    k0, k1 = jax.random.bits(key, (2,), jnp.uint32)
+    index = jnp.zeros(shape, jnp.uint32)
+    stride = 1
+    for axis in reversed(range(len(shape))):
+        index = index + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(stride)
+        stride *= shape[axis]
+    return threefry2x32((k0, k1), (index, jnp.zeros_like(index)))[0]
+
+
 def dropout(x: chex.Array, rate: float, key: chex.PRNGKey | None) -> chex.Array:
     """Inverted dropout: zero each entry with probability `rate`, scale the rest by 1/(1-rate).
 
-    Identity when `key` is None (evaluation) or `rate` is 0.
+    Entry i is kept when `random_bits(key)[i] >= round(rate * 2**32)` (the rate exact to
+    2^-32), computed in the same fusion as the select. Identity when `key` is None
+    (evaluation) or `rate` is 0.
     """
     if key is None or rate == 0.0:
         return x
-    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    keep = random_bits(key, x.shape) >= jnp.uint32(round(rate * 2**32))
     return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
 
 
