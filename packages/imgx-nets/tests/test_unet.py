@@ -82,7 +82,13 @@ def test_parameter_count_closed_form(seg2d, diffusion2d):
 
 def test_published_configuration_parameter_count_is_reproducible():
     counts = {
-        parameter_count(UNet(num_spatial_dims=2, in_channels=1, out_channels=3, rngs=nnx.Rngs(s)))
+        parameter_count(
+            nnx.eval_shape(
+                lambda s=s: UNet(
+                    num_spatial_dims=2, in_channels=1, out_channels=3, rngs=nnx.Rngs(s)
+                )
+            )
+        )
         for s in (0, 1)
     }
     assert counts == {7_673_091}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import chex
@@ -70,7 +71,7 @@ def parameter_count(module_or_state: nnx.Module | nnx.State) -> int:
     """Number of scalar parameters (`nnx.Param`) of a module, or of all leaves of a state."""
     if isinstance(module_or_state, nnx.Module):
         module_or_state = nnx.state(module_or_state, nnx.Param)
-    return sum(int(jnp.size(leaf)) for leaf in jax.tree.leaves(module_or_state))
+    return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(module_or_state))
 
 
 def summary(module: nnx.Module) -> str:
