@@ -56,7 +56,11 @@ def straight(data_dir, tmp_path_factory):
 
 
 @pytest.mark.parametrize("point", ["step:3", "save:4"])
-def test_killed_run_resumes_to_the_same_parameters(data_dir, straight, tmp_path, point):
+def test_killed_run_resumes_to_the_same_parameters(data_dir, straight, tmp_path, point, capsys):
+    """Checkpoints every 2 steps. `step:3` kills after step 3's update; `save:4` kills inside
+    the save of step 4, after its files are written and before orbax commits (renames) them.
+    The resume starts from the last complete checkpoint (step 2 once its asynchronous save
+    is done) and ends where the straight run does."""
     run_dir = tmp_path / "killed"
     env = dict(os.environ, IMGX_FAULT_INJECTION=point)
     result = subprocess.run(
@@ -67,7 +71,28 @@ def test_killed_run_resumes_to_the_same_parameters(data_dir, straight, tmp_path,
         timeout=600,
     )
     assert result.returncode == -9, result.stderr[-2000:]
+    checkpoints = run_dir / "checkpoints"
+    logged = [r["step"] for r in runs.read_jsonl(run_dir / "metrics" / "train.jsonl")]
+    if point == "save:4":
+        # Killed mid-save: step 4's data was written to orbax's temporary folder, which was
+        # never committed, although the log had reached step 4.
+        assert not (checkpoints / "4").exists()
+        partial = list(checkpoints.glob("4.orbax-checkpoint-tmp*"))
+        assert len(partial) == 1 and any(f.is_file() for f in partial[0].rglob("*"))
+        assert logged[:4] == [1, 2, 3, 4]
+    else:
+        assert logged == [1, 2, 3]
+    complete = sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
+    if point == "save:4":
+        assert complete == [2]  # orbax finishes a save before it starts the next one
+    else:
+        assert complete in ([], [2])  # step 2's save is asynchronous: it may not be done
     trainer.resume(run_dir)
+    out = capsys.readouterr().out
+    if complete:
+        assert f"resumed {run_dir.resolve()} at step {complete[-1]}" in out
+    else:
+        assert "resumed" not in out  # nothing complete: a fresh start
     resumed = evaluation.restore_run(run_dir, "last")
     assert resumed.step == 6
     for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed.params), strict=True):

@@ -1,10 +1,18 @@
-"""Training: run layout, exact resume, 1 vs 2 devices, accumulation, non-finite skipping.
+"""Training: run layout, exact resume, 1 vs 2 devices, accumulation, non-finite skipping,
+determinism, wandb offline, Ctrl-C, a full disk, a corrupted checkpoint, early stopping.
 
-One tiny seg run and one tiny diffusion run are shared by the module; the phantom data is
-built once into a temporary data dir.
+Tiny seg runs are shared by the module (one reference run, a second fresh one for
+determinism and wandb, one with a NaN batch that stops early); the phantom data is built
+once into a temporary data dir.
 """
 
+import errno
 import json
+import logging
+import shutil
+import signal
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +24,7 @@ from jax.sharding import PartitionSpec as P
 import imgx_data
 from imgx_train import checkpoint as ckpt_lib
 from imgx_train import config as config_lib
-from imgx_train import evaluation, optim, presets, tasks, trainer
+from imgx_train import evaluation, optim, presets, runs, tasks, trainer
 
 FAST = (
     "logging.wandb=disabled,logging.progress=false,model.num_channels=[4,8],"
@@ -44,6 +52,60 @@ def seg_run(data_dir, tmp_path_factory):
 
 def _params(run_dir, step="last"):
     return evaluation.restore_run(run_dir, step).params
+
+
+def _assert_same_params(run_a, run_b):
+    for a, b in zip(jax.tree.leaves(_params(run_a)), jax.tree.leaves(_params(run_b)), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.fixture(scope="module")
+def seg_run_offline(data_dir, tmp_path_factory):
+    """seg_run's config again, fresh, with wandb `offline` (the default) and stdin closed."""
+    cfg = config_lib.replace(_config(data_dir, "seg"), {"logging.wandb": "offline"})
+    assert config_lib.Config().logging.wandb == "offline"
+    home = tmp_path_factory.mktemp("home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sys, "stdin", None)  # as `imgx train <&-`: any prompt would fail
+        for name in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_DIR", "WANDB_BASE_URL"):
+            mp.delenv(name, raising=False)
+        mp.setenv("NETRC", str(home / "netrc"))  # no key anywhere
+        mp.setenv("WANDB_CONFIG_DIR", str(home / "wandb-config"))
+        return trainer.train(cfg, run_dir=tmp_path_factory.mktemp("runs") / "seg-offline")
+
+
+def _poisoned_next(original):
+    """`TrainIterator.__next__` with NaN in half the rows of the first batch's first image."""
+
+    def next_batch(self):
+        first = self.step == 0
+        batch = original(self)
+        if first:
+            image = np.array(batch["image"])
+            rows = image.shape[1]
+            image[0, rows // 4 : 3 * rows // 4] = np.nan
+            batch = dict(batch, image=jax.device_put(image, batch["image"].sharding))
+        return batch
+
+    return next_batch
+
+
+@pytest.fixture(scope="module")
+def nan_run(data_dir, tmp_path_factory):
+    """A NaN batch at step 1; validation every step with patience 1 and an unreachable
+    min_delta, so early stopping ends the run at step 2 of 4."""
+    cfg = _config(
+        data_dir,
+        "seg",
+        "train.eval_every=1,train.early_stopping_patience=1,train.early_stopping_min_delta=1.0",
+    )
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(
+            imgx_data.TrainIterator,
+            "__next__",
+            _poisoned_next(imgx_data.TrainIterator.__next__),
+        )
+        return trainer.train(cfg, run_dir=tmp_path_factory.mktemp("runs") / "nan")
 
 
 def test_run_layout(seg_run):
@@ -101,6 +163,12 @@ def _step_setup(data_dir, extra=""):
 
 
 def _run_step(cfg, task, tx, batch, devices, num_micro=1):
+    states, metrics = _run_steps(cfg, task, tx, batch, devices, 1, num_micro)
+    return states[1], metrics[0]
+
+
+def _run_steps(cfg, task, tx, batch, devices, num_steps, num_micro=1):
+    """`num_steps` updates on the same batch; the states (the initial one first) and metrics."""
     mesh = jax.make_mesh(
         (len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices
     )
@@ -108,18 +176,44 @@ def _run_step(cfg, task, tx, batch, devices, num_micro=1):
     state = jax.device_put(trainer.init_state(cfg, task, tx), replicated)
     batch = jax.device_put(batch, NamedSharding(mesh, P("data")))
     step = jax.jit(trainer.make_train_step(cfg, task, tx, num_micro))
-    return step(state, batch)
+    states, metrics = [jax.device_get(state)], []
+    for _ in range(num_steps):
+        state, m = step(state, batch)
+        states.append(jax.device_get(state))
+        metrics.append(jax.device_get(m))
+    return states, metrics
 
 
 def test_one_and_two_devices_give_the_same_update(data_dir):
+    """Same loss and gradient norm at each of 3 steps, and the same parameter change.
+
+    The debug preset warms up in 1 step: steps 2 and 3 run at lr ≈ 3e-3, where Adam's
+    update is no longer ±lr·sign(g), so the compared change θ₃ − θ₀ (up to ~6e-3 per
+    entry) carries the gradients' values. Entries whose gradient is rounding noise can
+    flip sign between reduction orders, so the change is compared in norm, to 1e-3.
+    """
     assert jax.device_count() >= 2, "tests run with 2 fake CPU devices (conftest)"
     cfg, task, tx, batch = _step_setup(data_dir, "data.global_batch_size=4")
-    one, m1 = _run_step(cfg, task, tx, batch, jax.devices()[:1])
-    two, m2 = _run_step(cfg, task, tx, batch, jax.devices()[:2])
-    np.testing.assert_allclose(float(m1["loss"]), float(m2["loss"]), rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(one["params"]), jax.tree.leaves(two["params"]), strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
-    np.testing.assert_array_equal(np.asarray(one["aux"].count), np.asarray(two["aux"].count))
+    assert cfg.optimizer.warmup_steps == 1
+    one, m1 = _run_steps(cfg, task, tx, batch, jax.devices()[:1], 3)
+    two, m2 = _run_steps(cfg, task, tx, batch, jax.devices()[:2], 3)
+    for a, b in zip(m1, m2, strict=True):
+        np.testing.assert_allclose(float(a["loss"]), float(b["loss"]), rtol=1e-5)
+        np.testing.assert_allclose(float(a["grad_norm"]), float(b["grad_norm"]), rtol=1e-5)
+    assert float(m1[0]["grad_norm"]) > 0
+    for a, b in zip(_leaves(one[0]), _leaves(two[0]), strict=True):
+        np.testing.assert_array_equal(a, b)  # the same initial parameters
+    delta_one = [p3 - p0 for p0, p3 in zip(_leaves(one[0]), _leaves(one[-1]), strict=True)]
+    delta_two = [p3 - p0 for p0, p3 in zip(_leaves(two[0]), _leaves(two[-1]), strict=True)]
+    norm = np.sqrt(sum(np.sum(d**2) for d in delta_one))
+    diff = np.sqrt(sum(np.sum((a - b) ** 2) for a, b in zip(delta_one, delta_two, strict=True)))
+    assert norm > 1e-2  # the steps past warm-up moved the parameters
+    assert diff <= 1e-3 * norm, (diff, norm)
+    np.testing.assert_array_equal(one[-1]["aux"].count, two[-1]["aux"].count)
+
+
+def _leaves(state):
+    return [np.asarray(x, np.float64) for x in jax.tree.leaves(state["params"])]
 
 
 def test_gradient_accumulation_keeps_the_effective_batch(data_dir):
@@ -162,48 +256,144 @@ def test_early_stopping_counts_validations_without_improvement():
     assert restored == stopper
 
 
-def test_corrupted_latest_checkpoint_falls_back(seg_run, tmp_path, caplog):
-    import shutil
-
+def test_corrupted_latest_checkpoint_falls_back_and_resume_finishes(
+    seg_run, tmp_path, caplog, capsys
+):
+    """Checkpoint 4 of 4 garbled: a warning, resume from 2, and the same final parameters."""
     copy = tmp_path / "copy"
     shutil.copytree(seg_run, copy)
-    latest = max(int(p.name) for p in (copy / "checkpoints").iterdir() if p.name.isdigit())
-    for f in (copy / "checkpoints" / str(latest) / "state").rglob("*"):
+    steps = sorted(int(p.name) for p in (copy / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == [2, 4]
+    for f in (copy / "checkpoints" / "4" / "state").rglob("*"):
         if f.is_file():
             f.write_bytes(b"garbage")
-    mngr = ckpt_lib.manager(copy, read_only=True)
-    cfg = config_lib.load(copy / "config.json")
-    info = imgx_data.dataset_info("phantom", data_dir=cfg.data.data_dir)
-    task = tasks.Task(cfg, info)
-    target = trainer.init_state(cfg, task, optim.optimizer(cfg.optimizer))
-    step, _, meta = ckpt_lib.restore(mngr, None, target)
-    assert step < latest
-    assert "iterator" in meta
+    with caplog.at_level(logging.WARNING, logger="imgx_train.checkpoint"):
+        trainer.resume(copy)
+    assert "checkpoints/4 is unreadable, trying the previous one" in caplog.text
+    assert f"resumed {copy.resolve()} at step 2" in capsys.readouterr().out
+    assert evaluation.restore_run(copy, "last").step == 4
+    _assert_same_params(seg_run, copy)
+    records = runs.read_jsonl(copy / "metrics" / "train.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
 
 
 def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(data_dir, seg_run, tmp_path, monkeypatch):
-    """KeyboardInterrupt at step 3 of 4: a checkpoint of step 3, then resume equals straight."""
-    original = imgx_data.TrainIterator.__next__
+    """SIGINT right after step 3's update, before the loop counts it: checkpoint 3 holds the
+    state of step 3 (not the donated input of step 3, nor step 3's state labelled 2), and
+    the resume equals the straight run."""
+    original = trainer._jit_train_step
 
-    def interrupt_before_step_4(self):
-        if self.step == 3:
-            raise KeyboardInterrupt
-        return original(self)
+    def interrupted_after_step_3(*args, **kwargs):
+        step_fn = original(*args, **kwargs)
+        calls = []
 
-    monkeypatch.setattr(imgx_data.TrainIterator, "__next__", interrupt_before_step_4)
+        def call(state, batch):
+            out = step_fn(state, batch)
+            calls.append(1)
+            if len(calls) == 3:
+                signal.raise_signal(signal.SIGINT)
+            return out
+
+        return call
+
+    monkeypatch.setattr(trainer, "_jit_train_step", interrupted_after_step_3)
     cfg = config_lib.load(seg_run / "config.json")
+    run_dir = tmp_path / "interrupted"
     with pytest.raises(trainer.TrainingInterrupted, match="imgx train --resume") as info:
-        trainer.train(cfg, run_dir=tmp_path / "interrupted")
+        trainer.train(cfg, run_dir=run_dir)
     assert info.value.step == 3
-    assert 3 in ckpt_lib.manager(tmp_path / "interrupted", read_only=True).all_steps()
-    monkeypatch.setattr(imgx_data.TrainIterator, "__next__", original)
-    trainer.resume(tmp_path / "interrupted")
-    for a, b in zip(
-        jax.tree.leaves(_params(seg_run)),
-        jax.tree.leaves(_params(tmp_path / "interrupted")),
-        strict=True,
-    ):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    mngr = ckpt_lib.manager(run_dir, read_only=True)
+    assert sorted(mngr.all_steps()) == [2, 3]
+    task = tasks.Task(cfg, imgx_data.dataset_info("phantom", data_dir=data_dir))
+    target = trainer.init_state(cfg, task, optim.optimizer(cfg.optimizer))
+    step, state, meta = ckpt_lib.restore(mngr, 3, target)
+    assert (step, int(state["step"]), meta["iterator"]["step"]) == (3, 3, 3)
+    monkeypatch.setattr(trainer, "_jit_train_step", original)
+    trainer.resume(run_dir)
+    _assert_same_params(seg_run, run_dir)
+
+
+def test_a_second_ctrl_c_interrupts_at_once():
+    with trainer._DeferredInterrupt() as interrupt:
+        signal.raise_signal(signal.SIGINT)
+        assert interrupt.requested
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_same_seed_and_devices_are_bit_identical(seg_run, seg_run_offline):
+    """Two fresh runs, same seed, 2 devices: identical logs and parameters, bit for bit."""
+    assert jax.device_count() == 2
+    logged = []
+    for run in (seg_run, seg_run_offline):
+        records = runs.read_jsonl(run / "metrics" / "train.jsonl")
+        logged.append([(r["step"], r["loss"], r["grad_norm"]) for r in records])
+    assert len(logged[0]) == 4 and logged[0] == logged[1]
+    valid = [runs.read_jsonl(run / "metrics" / "valid.jsonl") for run in (seg_run, seg_run_offline)]
+    assert [r["dice"] for r in valid[0]] == [r["dice"] for r in valid[1]]
+    _assert_same_params(seg_run, seg_run_offline)
+
+
+def test_wandb_logs_offline_by_default_without_a_terminal(seg_run_offline):
+    """The default mode needs no key and no input: an offline run to `wandb sync` later."""
+    offline = list((seg_run_offline / "wandb").glob("offline-run-*"))
+    assert len(offline) == 1
+    assert list(offline[0].glob("run-*.wandb"))
+
+
+def test_nan_batch_is_skipped_and_parameters_stay_finite(nan_run):
+    records = runs.read_jsonl(nan_run / "metrics" / "train.jsonl")
+    assert records[0]["step"] == 1 and records[0]["skipped"] == 1
+    assert records[0]["loss"] is None  # NaN, written as null
+    assert records[-1]["skipped"] == 1 and np.isfinite(records[-1]["loss"])
+    for leaf in jax.tree.leaves(_params(nan_run)):
+        assert np.all(np.isfinite(np.asarray(leaf)))
+
+
+def test_early_stopping_ends_the_loop_and_is_recorded(nan_run, capsys):
+    """patience 1, min_delta 1: the second validation (step 2) cannot improve, so stop."""
+    assert [r["step"] for r in runs.read_jsonl(nan_run / "metrics" / "train.jsonl")] == [1, 2]
+    assert [r["step"] for r in runs.read_jsonl(nan_run / "metrics" / "valid.jsonl")] == [1, 2]
+    mngr = ckpt_lib.manager(nan_run, read_only=True)
+    assert max(mngr.all_steps()) == 2
+    meta = ckpt_lib.read_meta(mngr, 2)
+    assert meta["early_stopping"]["stopped_step"] == 2
+    assert meta["early_stopping"]["best_step"] == 1 and meta["early_stopping"]["bad"] == 1
+
+
+def test_full_disk_while_training_is_a_clear_error(data_dir, tmp_path, monkeypatch):
+    """ENOSPC on the third train.jsonl write: a RunError naming the file, steps 1-2 kept."""
+    cfg = _config(data_dir, "seg", "train.eval_every=100")
+    path = tmp_path / "full" / "metrics" / "train.jsonl"
+    real_open = Path.open
+    appends = []
+
+    def open_(self, mode="r", *args, **kwargs):
+        if self == path and mode == "a":
+            appends.append(mode)
+            if len(appends) == 3:
+                raise OSError(errno.ENOSPC, "No space left on device", str(self))
+        return real_open(self, mode, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", open_)
+    with pytest.raises(runs.RunError, match="the disk is full") as info:
+        trainer.train(cfg, run_dir=tmp_path / "full")
+    assert str(path) in str(info.value) and "--resume" in str(info.value)
+    assert [r["step"] for r in runs.read_jsonl(path)] == [1, 2]
+
+
+def test_data_not_built_leaves_no_run_dir(tmp_path):
+    cfg = presets.make_config(
+        "muscle_us",
+        task="seg",
+        preset="debug",
+        overrides=f"logging.wandb=disabled,data.data_dir={tmp_path / 'data'}",
+    )
+    with pytest.raises(imgx_data.DatasetError, match="not built"):
+        trainer.train(cfg, run_dir=tmp_path / "runs" / "run")
+    assert not (tmp_path / "runs").exists()
 
 
 def test_ema_of_parameters(data_dir):

@@ -14,7 +14,30 @@ from imgx_train import config as config_lib
 
 
 class RunError(FileNotFoundError):
-    """A run directory that is missing or incomplete."""
+    """A run directory that is missing, incomplete or cannot be written (e.g. a full disk)."""
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Whether `error` or an exception it was raised from is an `ENOSPC` OSError."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if isinstance(current, OSError) and current.errno == errno.ENOSPC:
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def disk_full_error(path: str | Path, run_dir: str | Path | None = None) -> RunError:
+    """The error raised when writing `path` found the disk full (`ENOSPC`)."""
+    resume = (
+        f"; the last complete checkpoint is kept: free some space, then resume with: "
+        f"imgx train --resume {run_dir}"
+        if run_dir is not None
+        else "; free some space and try again"
+    )
+    return RunError(f"cannot write {path}: the disk is full (no space left on device){resume}")
 
 
 def new_run_dir(cfg: config_lib.Config, root: str | Path = "runs") -> Path:
@@ -26,6 +49,21 @@ def new_run_dir(cfg: config_lib.Config, root: str | Path = "runs") -> Path:
         path = base.with_name(f"{base.name}-{i}")
         i += 1
     return path
+
+
+def check_writable(run_dir: Path) -> None:
+    """Fails clearly when `run_dir` could not be created or written; creates nothing.
+
+    Checked before the data, so that a bad location is reported at once, and the run
+    directory itself is only made once the data is known to be there.
+    """
+    ancestor = Path(os.path.abspath(run_dir))
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise RunError(f"cannot write the run directory {run_dir}: {ancestor} is not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise RunError(f"cannot write the run directory {run_dir}: permission denied on {ancestor}")
 
 
 def prepare(run_dir: Path) -> None:
@@ -81,8 +119,13 @@ class JsonlWriter:
         if not self.enabled:
             return
         line = json.dumps({k: _json_value(v) for k, v in record.items()})
-        with self.path.open("a") as f:
-            f.write(line + "\n")
+        try:
+            with self.path.open("a") as f:
+                f.write(line + "\n")
+        except OSError as e:
+            if is_disk_full(e):
+                raise disk_full_error(self.path, self.path.parent.parent) from e
+            raise
 
     def truncate_after(self, step: int) -> None:
         """Drops records past `step` (a resumed run rewrites them)."""

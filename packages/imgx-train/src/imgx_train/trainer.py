@@ -5,6 +5,10 @@ mesh's `data` axis; batches are global arrays sharded over it, so XLA averages t
 gradients across devices (and hosts). Keys are `fold_in(seed_key, step)`, and the data
 order is a pure function of (seed, step), so a resumed run sees exactly the batches and
 keys it would have seen.
+
+A Ctrl-C is acted on between steps: the state and its step advance together, and the
+checkpoint saved on the way out holds the last completed step (a second Ctrl-C stops at
+once). A full disk is a `RunError` naming the file, never a bare traceback.
 """
 
 from __future__ import annotations
@@ -12,10 +16,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import netrc
 import os
 import signal
 import sys
+import threading
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -53,23 +60,67 @@ class EarlyStopping:
     best: float = -math.inf
     best_step: int | None = None
     bad_validations: int = 0
+    stopped_step: int | None = None
 
     def update(self, value: float, step: int) -> bool:
-        """Records a validation; returns True when training should stop."""
+        """Records a validation; returns True (and records the step) when training stops."""
         if value > self.best + self.min_delta:
             self.best, self.best_step, self.bad_validations = value, step, 0
         else:
             self.bad_validations += 1
-        return self.bad_validations >= self.patience
+        if self.bad_validations >= self.patience:
+            self.stopped_step = step
+            return True
+        return False
 
     def to_json(self) -> dict[str, Any]:
         best = self.best if math.isfinite(self.best) else None
-        return {"best": best, "best_step": self.best_step, "bad": self.bad_validations}
+        return {
+            "best": best,
+            "best_step": self.best_step,
+            "bad": self.bad_validations,
+            "stopped_step": self.stopped_step,
+        }
 
     def load_json(self, data: dict[str, Any]) -> None:
         self.best = -math.inf if data.get("best") is None else float(data["best"])
         self.best_step = data.get("best_step")
         self.bad_validations = int(data.get("bad", 0))
+        self.stopped_step = data.get("stopped_step")
+
+
+class _DeferredInterrupt:
+    """Turns a Ctrl-C (SIGINT) into a request that the loop acts on between steps.
+
+    An interrupt inside the jitted step would lose its result after the input state was
+    donated, or leave the new state labelled with the old step. A second Ctrl-C raises
+    `KeyboardInterrupt` at once. Only the main thread can own the handler; elsewhere, and
+    when SIGINT is ignored (e.g. `nohup`), nothing changes.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+        self._installed = False
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self) -> _DeferredInterrupt:
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.getsignal(signal.SIGINT)
+            if previous is not signal.SIG_IGN:
+                self._previous = signal.default_int_handler if previous is None else previous
+                signal.signal(signal.SIGINT, self._handle)
+                self._installed = True
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._installed:
+            signal.signal(signal.SIGINT, self._previous)
+            self._installed = False
 
 
 def accumulation_steps(global_batch: int, num_devices: int, max_per_device: int | None) -> int:
@@ -87,15 +138,25 @@ def accumulation_steps(global_batch: int, num_devices: int, max_per_device: int 
     return steps
 
 
-def _fault_point(point: str, step: int) -> None:
-    """Test hook: `IMGX_FAULT_INJECTION=<point>:<step>` kills the process right there.
+_FAULT_ENV = "IMGX_FAULT_INJECTION"
 
-    Points: `step` (after the update of that step) and `save` (while that step's
-    checkpoint is being written in the background). Used by the fault-tolerance tests to
-    stop at a fixed point instead of a random time.
+
+def _fault_point(point: str, step: int) -> None:
+    """Test hook: `IMGX_FAULT_INJECTION=step:<n>` kills the process after the update of step n.
+
+    `save:<n>` kills it in the middle of saving step n's checkpoint, after its files are
+    written and before it is committed (`checkpoint.kill_during_save`, installed by
+    `_install_fault_hooks`). Used by the fault-tolerance tests to stop at a fixed point
+    instead of a random time.
     """
-    if os.environ.get("IMGX_FAULT_INJECTION") == f"{point}:{step}":
+    if os.environ.get(_FAULT_ENV) == f"{point}:{step}":
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _install_fault_hooks() -> None:
+    point, _, step = os.environ.get(_FAULT_ENV, "").partition(":")
+    if point == "save" and step.isdigit():
+        ckpt_lib.kill_during_save(int(step))
 
 
 def make_train_step(
@@ -214,11 +275,35 @@ def resume(run_dir: str | Path, *, steps: int | None = None) -> Path:
     return _run(cfg, run_dir, resuming=True)
 
 
+def _jit_train_step(cfg, task, tx, num_micro: int, replicated: NamedSharding):
+    """The train step jitted for the mesh; the input state's buffers are donated."""
+    return jax.jit(
+        make_train_step(cfg, task, tx, num_micro),
+        in_shardings=(replicated, None),
+        out_shardings=(replicated, replicated),
+        donate_argnums=(0,),
+    )
+
+
 def _run(cfg: config_lib.Config, run_dir: Path, resuming: bool = False) -> Path:
     devices.setup(cfg)
-    main = devices.is_main_process()
-    runs.prepare(run_dir)
+    _install_fault_hooks()
+    runs.check_writable(run_dir)
+    # The data before the run directory: a dataset that is not built leaves nothing behind.
     info = imgx_data.ensure_built(cfg.data.name, data_dir=cfg.data.data_dir)
+    runs.prepare(run_dir)
+    try:
+        return _train(cfg, run_dir, info, resuming)
+    except OSError as e:
+        if runs.is_disk_full(e) and not isinstance(e, runs.RunError):
+            raise runs.disk_full_error(e.filename or run_dir, run_dir) from e
+        raise
+
+
+def _train(
+    cfg: config_lib.Config, run_dir: Path, info: imgx_data.DatasetInfo, resuming: bool
+) -> Path:
+    main = devices.is_main_process()
     if main:
         config_lib.save(cfg, run_dir / "config.json")
         runs.point_latest(run_dir)
@@ -246,78 +331,93 @@ def _run(cfg: config_lib.Config, run_dir: Path, resuming: bool = False) -> Path:
     valid_log = runs.JsonlWriter(run_dir / "metrics" / "valid.jsonl", enabled=main)
 
     start = 0
+    # The best validation so far (the earliest of equal values), kept with each checkpoint.
+    best: dict[str, Any] = {"step": None, "valid_dice": None}
     if resuming and mngr.all_steps():
-        start, state, meta = ckpt_lib.restore(mngr, None, state)
-        iterator.set_state(meta["iterator"])
-        stopper.load_json(meta["early_stopping"])
+        start, state, saved = ckpt_lib.restore(mngr, None, state)
+        iterator.set_state(saved["iterator"])
+        stopper.load_json(saved["early_stopping"])
+        best = saved.get("best", best)
+        # Later steps could not be read (restore passed over them): this run rewrites them.
+        for later in sorted(s for s in mngr.all_steps() if s > start):
+            logger.warning("deleting unreadable checkpoint %s/%d", mngr.directory, later)
+            mngr.delete(later)
         if main:
             print(f"resumed {run_dir} at step {start}", flush=True)
     train_log.truncate_after(start)
     valid_log.truncate_after(start)
 
-    step_fn = jax.jit(
-        make_train_step(cfg, task, tx, num_micro),
-        in_shardings=(replicated, None),
-        out_shardings=(replicated, replicated),
-        donate_argnums=(0,),
-    )
+    step_fn = _jit_train_step(cfg, task, tx, num_micro, replicated)
     validator = evaluation.Validator(cfg, task, mesh)
     wandb_run = _init_wandb(cfg, run_dir, resuming)
     schedule = optim.learning_rate_schedule(cfg.optimizer)
 
-    def meta() -> dict[str, Any]:
-        return {"iterator": iterator.get_state(), "early_stopping": stopper.to_json()}
+    def meta(step: int) -> dict[str, Any]:
+        # One batch per step, so the iterator's position is the step (also when a second
+        # Ctrl-C stopped `next` after it had advanced).
+        return {
+            "iterator": {**iterator.get_state(), "step": step},
+            "early_stopping": stopper.to_json(),
+            "best": best,
+        }
 
     progress = _Progress(cfg.logging.progress, start, cfg.train.steps, enabled=main)
     step, last_time, last_step = start, time.perf_counter(), start
+    interrupt = _DeferredInterrupt()
     try:
-        while step < cfg.train.steps:
-            batch = next(iterator)
-            state, metrics = step_fn(state, {k: batch[k] for k in ("image", "label", "spacing")})
-            step += 1
-            record = None
-            if step % cfg.logging.log_every == 0 or step == cfg.train.steps:
-                record = _log_record(step, metrics, schedule)  # waits for the step
-                now = time.perf_counter()
-                record["steps_per_s"] = (step - last_step) / max(now - last_time, 1e-9)
-                last_time, last_step = now, step
-                train_log.write(record)
-                if wandb_run is not None:
-                    wandb_run.log({f"train/{k}": v for k, v in record.items()}, step=step)
-            progress.update(step, 1, record)
-
-            valid_dice = None
-            stop = False
-            if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
-                summary = validator.run(state, step)
-                valid_dice = summary["dice"]
-                valid_log.write({"step": step, **summary})
-                if wandb_run is not None:
-                    wandb_run.log({f"valid/{k}": v for k, v in summary.items()}, step=step)
-                stop = stopper.update(valid_dice, step)
-            if valid_dice is not None or step % cfg.train.checkpoint_every == 0:
-                ckpt_lib.save(mngr, step, state, meta(), valid_dice=valid_dice)
-                _fault_point("save", step)
-            _fault_point("step", step)
-            if stop:
-                print(
-                    f"early stopping at step {step}: no improvement of the validation Dice "
-                    f"for {stopper.patience} validations (best {stopper.best:.4f} at step "
-                    f"{stopper.best_step})",
-                    flush=True,
+        with interrupt:
+            while step < cfg.train.steps:
+                if interrupt.requested:
+                    raise KeyboardInterrupt
+                batch = next(iterator)
+                new_state, metrics = step_fn(
+                    state, {k: batch[k] for k in ("image", "label", "spacing")}
                 )
-                break
+                state, step = new_state, step + 1  # together: no interrupt between them
+                record = None
+                if step % cfg.logging.log_every == 0 or step == cfg.train.steps:
+                    record = _log_record(step, metrics, schedule)  # waits for the step
+                    now = time.perf_counter()
+                    record["steps_per_s"] = (step - last_step) / max(now - last_time, 1e-9)
+                    last_time, last_step = now, step
+                    train_log.write(record)
+                    if wandb_run is not None:
+                        wandb_run.log({f"train/{k}": v for k, v in record.items()}, step=step)
+                progress.update(step, 1, record)
+
+                valid_dice = None
+                stop = False
+                if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
+                    summary = validator.run(state, step)
+                    valid_dice = summary["dice"]
+                    valid_log.write({"step": step, **summary})
+                    if wandb_run is not None:
+                        wandb_run.log({f"valid/{k}": v for k, v in summary.items()}, step=step)
+                    if math.isfinite(valid_dice) and (
+                        best["valid_dice"] is None or valid_dice > best["valid_dice"]
+                    ):
+                        best = {"step": step, "valid_dice": float(valid_dice)}
+                    stop = stopper.update(valid_dice, step)
+                if valid_dice is not None or step % cfg.train.checkpoint_every == 0:
+                    ckpt_lib.save(mngr, step, state, meta(step), valid_dice=valid_dice)
+                _fault_point("step", step)
+                if stop:
+                    print(
+                        f"early stopping at step {step}: no improvement of the validation "
+                        f"Dice for {stopper.patience} validations (best {stopper.best:.4f} "
+                        f"at step {stopper.best_step})",
+                        flush=True,
+                    )
+                    break
     except KeyboardInterrupt:
         progress.close()
-        if step not in mngr.all_steps():
-            ckpt_lib.save(mngr, step, state, meta())
-        mngr.wait_until_finished()
-        raise TrainingInterrupted(run_dir, step) from None
+        saved = _save_on_interrupt(mngr, state, meta)
+        raise TrainingInterrupted(run_dir, saved) from None
     finally:
         progress.close()
     if step not in mngr.all_steps():
-        ckpt_lib.save(mngr, step, state, meta())
-    mngr.wait_until_finished()
+        ckpt_lib.save(mngr, step, state, meta(step))
+    ckpt_lib.wait(mngr)
     mngr.close()
     if wandb_run is not None:
         wandb_run.finish()
@@ -330,6 +430,26 @@ def _run(cfg: config_lib.Config, run_dir: Path, resuming: bool = False) -> Path:
     return run_dir
 
 
+def _save_on_interrupt(mngr, state: dict[str, Any], meta) -> int:
+    """Saves the last completed step on Ctrl-C; returns the step a resume starts from.
+
+    The step is read from the state itself, so the checkpoint's label always matches its
+    content. When a second Ctrl-C stopped a step after its input buffers were donated,
+    there is nothing consistent to save and the last checkpoint stands.
+    """
+    if any(isinstance(x, jax.Array) and x.is_deleted() for x in jax.tree.leaves(state)):
+        ckpt_lib.wait(mngr)
+        steps = mngr.all_steps()
+        last = max(steps) if steps else 0
+        logger.warning("interrupted inside a step: resuming will start from step %d", last)
+        return last
+    step = int(np.asarray(state["step"].addressable_data(0)))
+    if step not in mngr.all_steps():
+        ckpt_lib.save(mngr, step, state, meta(step))
+    ckpt_lib.wait(mngr)
+    return step
+
+
 def _log_record(step: int, metrics: dict[str, jax.Array], schedule) -> dict[str, Any]:
     """Brings a logged step's metrics to the host (the only host sync of the loop)."""
     values = jax.device_get(metrics)
@@ -340,14 +460,18 @@ def _log_record(step: int, metrics: dict[str, jax.Array], schedule) -> dict[str,
 
 
 def _init_wandb(cfg: config_lib.Config, run_dir: Path, resuming: bool):
-    """wandb in the configured mode; offline when online is asked for without a login."""
+    """wandb in the configured mode; offline when online is asked for without a key."""
     mode = cfg.logging.wandb
     if mode == "disabled" or jax.process_index() != 0:
         return None
     import wandb
 
-    if mode == "online" and not (os.environ.get("WANDB_API_KEY") or _wandb_logged_in()):
-        logger.warning("wandb: no API key found; logging offline (run `wandb login`)")
+    if mode == "online" and not _wandb_credentials_found():
+        logger.warning(
+            "wandb: no API key found (WANDB_API_KEY or `wandb login`); logging offline to "
+            "%s/wandb (upload later with `wandb sync`)",
+            run_dir,
+        )
         mode = "offline"
     tags = [cfg.data.name, cfg.train.task]
     if cfg.train.task == "diffusion":
@@ -365,10 +489,26 @@ def _init_wandb(cfg: config_lib.Config, run_dir: Path, resuming: bool):
     )
 
 
-def _wandb_logged_in() -> bool:
-    try:
-        import wandb
+def _wandb_credentials_found() -> bool:
+    """Whether wandb has a key without asking for one.
 
-        return bool(wandb.Api().api_key)
-    except Exception:
-        return False
+    Looks only where wandb itself looks before it would prompt: `WANDB_API_KEY` (or an
+    identity token file) and the netrc entry `wandb login` writes for the server
+    (`WANDB_BASE_URL`, default api.wandb.ai). Neither the terminal nor the network is used,
+    so a run without a key can never block on a prompt.
+    """
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    base_url = os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai"
+    host = urllib.parse.urlsplit(base_url).netloc
+    if os.environ.get("NETRC"):
+        candidates = [Path(os.environ["NETRC"]).expanduser()]
+    else:
+        candidates = [Path.home() / ".netrc", Path.home() / "_netrc"]
+    for path in candidates:
+        try:
+            if host and netrc.netrc(str(path)).authenticators(host):
+                return True
+        except (OSError, netrc.NetrcParseError):
+            continue
+    return False
