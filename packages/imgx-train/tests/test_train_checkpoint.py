@@ -37,25 +37,26 @@ def test_best_survives_past_the_last_n_and_ties_go_to_the_earliest(tmp_path):
     reader = ckpt_lib.manager(tmp_path, read_only=True)
     assert sorted(reader.all_steps()) == [2, 4, 5]
     first_max = max(dice, key=lambda s: (dice[s], -s))  # what restore_run computes
-    assert ckpt_lib.select_step(reader, "best") == first_max == 2  # from the meta
     assert ckpt_lib.select_step(reader, "best", best_step=first_max) == 2
-    assert ckpt_lib.select_step(reader, "last") == 5
+    assert ckpt_lib.select_step(reader, "last", best_step=first_max) == 5
+    assert ckpt_lib.read_meta(reader, 5)["best"] == {"step": 2, "valid_dice": 0.9}
     step, state, meta = ckpt_lib.restore(reader, 2, _state(0.0))
     assert (step, meta["best"]) == (2, {"step": 2, "valid_dice": 0.9})
     np.testing.assert_array_equal(np.asarray(state["params"]["w"]), 2.0)
 
 
-def test_best_without_meta_falls_back_to_the_given_step_then_the_last(tmp_path):
-    mngr = ckpt_lib.manager(tmp_path, keep=3)
+def test_best_falls_back_to_the_last_and_unvalidated_steps_are_not_best(tmp_path):
+    mngr = ckpt_lib.manager(tmp_path, keep=1)
     for step in (1, 2, 3):
         ckpt_lib.save(mngr, step, _state(step), {}, valid_dice=float("nan"))
         ckpt_lib.wait(mngr)
     mngr.close()
     reader = ckpt_lib.manager(tmp_path, read_only=True)
-    assert ckpt_lib.select_step(reader, "best", best_step=2) == 2
+    assert sorted(reader.all_steps()) == [3]  # a NaN Dice never ranks as the best
     assert ckpt_lib.select_step(reader, "best", best_step=None) == 3
+    assert ckpt_lib.select_step(reader, "best", best_step=1) == 3
     with pytest.raises(ckpt_lib.CheckpointError, match="available"):
-        ckpt_lib.select_step(reader, 7)
+        ckpt_lib.select_step(reader, 7, best_step=None)
 
 
 # orbax's background threads outlive the failed save and complain when their loop closes.

@@ -181,12 +181,11 @@ def read_meta(mngr: ocp.CheckpointManager, step: int) -> dict[str, Any] | None:
     return dict(restored["meta"])
 
 
-def select_step(mngr: ocp.CheckpointManager, which: str | int, best_step: int | None = None) -> int:
+def select_step(mngr: ocp.CheckpointManager, which: str | int, best_step: int | None) -> int:
     """Resolves `best`, `last` or a step number to an existing step.
 
-    `best` is the best step recorded in the latest checkpoint's meta (the earliest of equal
-    validation values, the one the preservation policy keeps); `best_step` is the fallback
-    for runs whose meta lacks it, then the last step.
+    `best_step` is the best validated step (the earliest of equal values, the one the
+    preservation policy keeps); `best` falls back to the last step without one.
     """
     steps = sorted(mngr.all_steps())
     if not steps:
@@ -196,11 +195,7 @@ def select_step(mngr: ocp.CheckpointManager, which: str | int, best_step: int | 
     if which == "last":
         return steps[-1]
     if which == "best":
-        meta = read_meta(mngr, steps[-1]) or {}
-        for candidate in ((meta.get("best") or {}).get("step"), best_step):
-            if candidate in steps:
-                return candidate
-        return steps[-1]
+        return best_step if best_step in steps else steps[-1]
     try:
         wanted = int(which)
     except ValueError:
