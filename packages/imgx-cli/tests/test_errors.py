@@ -83,7 +83,7 @@ def test_unbuilt_dataset_gives_the_real_build_command(imgx, one_line_error, tmp_
                         "logging.wandb=disabled", "--no-test")  # fmt: skip
     one_line_error(code, err, "'amos_ct' is not built", expected)
     assert expected.startswith("imgx build amos_ct --manual-dir DIR")
-    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("config.json"))
+    assert not (tmp_path / "runs").exists()  # nothing half-made
 
 
 @pytest.mark.parametrize(
