@@ -113,20 +113,11 @@ def test_down_sample_equals_strided_convolution():
     np.testing.assert_allclose(down(x), expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize(
-    "spatial, kernel_size", [((7, 5), (3, 3)), ((4, 6), (2, 3)), ((3, 3), (1, 1))]
-)
-def test_conv2d_gradients_equal_xla(spatial, kernel_size):
-    # odd sizes and even kernels: the chunked kernel gradient pads rows and 'SAME' asymmetrically
-    x = jax.random.normal(jax.random.key(0), (3, *spatial, 4))
-    kernel = jax.random.normal(jax.random.key(1), (*kernel_size, 4, 5))
-    weights = jax.random.normal(jax.random.key(2), (3, *spatial, 5))
-    lax_conv = lambda x, k: jax.lax.conv_general_dilated(
-        x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
-    )
-    grads = jax.grad(
-        lambda x, k: jnp.sum(layers._conv2d_chunked_kernel_gradient(x, k) * weights), (0, 1)
-    )(x, kernel)
-    expected = jax.grad(lambda x, k: jnp.sum(lax_conv(x, k) * weights), (0, 1))(x, kernel)
-    for g, e in zip(grads, expected, strict=True):
-        np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5 * np.abs(e).max())
+def test_convolution_supports_forward_and_reverse_mode():
+    # a convolution is linear in its input: its jvp is the convolution of the tangent
+    conv = layers.Conv(3, 4, (3, 3, 2), use_bias=False, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    x, dx = jax.random.normal(jax.random.key(0), (2, 2, 5, 4, 3, 3))
+    out, tangent = jax.jvp(conv, (x,), (dx,))
+    np.testing.assert_allclose(tangent, conv(dx), rtol=1e-5, atol=1e-5)
+    (cotangent,) = jax.vjp(conv, x)[1](out)
+    assert float(jnp.vdot(cotangent, dx)) == pytest.approx(float(jnp.vdot(out, tangent)), rel=1e-4)

@@ -154,84 +154,13 @@ def _same_padding(kernel_size: int) -> tuple[int, int]:
     return low, kernel_size - 1 - low
 
 
-def _lax_conv2d(x: chex.Array, kernel: chex.Array) -> chex.Array:
+def _conv2d(x: chex.Array, kernel: chex.Array) -> chex.Array:
+    """'SAME' stride-1 convolution, `(batch, x, y, in)` * `(kx, ky, in, out)`: XLA's own,
+    with XLA's gradients on every backend (bench/README.md: a hand-written CPU kernel
+    gradient no longer paid once dropout stopped dominating)."""
     return jax.lax.conv_general_dilated(
         x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
     )
-
-
-# Pixels per chunk of the kernel gradient: the chunk's im2col block stays cache-resident.
-_KERNEL_GRADIENT_CHUNK_PIXELS = 512
-
-
-def _conv2d_kernel_gradient(
-    x: chex.Array, output_gradient: chex.Array, kernel_shape: tuple[int, ...]
-) -> chex.Array:
-    """dL/dW[i, j, c, o] = sum_{b, h, w} x_pad[b, h + i, w + j, c] * dL/dy[b, h, w, o].
-
-    Computed as im2col(x)^T @ dL/dy over chunks of a few image rows, accumulated in float32
-    by a scan: one cache-sized matrix product per chunk. XLA:CPU's own kernel-gradient
-    convolution runs 2-2.5x slower at 32-64 channels (bench/README.md).
-    """
-    kh, kw, c, o = kernel_shape
-    b, h, w, _ = x.shape
-    rows = max(1, min(h, _KERNEL_GRADIENT_CHUNK_PIXELS // w))
-    h_padded = -(-h // rows) * rows
-    (top, bottom), (left, right) = _same_padding(kh), _same_padding(kw)
-    x = jnp.pad(x, [(0, 0), (top, bottom + h_padded - h), (left, right), (0, 0)])
-    # zero output gradient on the padding rows: they add nothing
-    output_gradient = jnp.pad(output_gradient, [(0, 0), (0, h_padded - h), (0, 0), (0, 0)])
-    chunks_per_image = h_padded // rows
-
-    def accumulate(total, index):
-        image, row = index // chunks_per_image, (index % chunks_per_image) * rows
-        window = jax.lax.dynamic_slice(x, (image, row, 0, 0), (1, rows + kh - 1, *x.shape[2:]))
-        grad = jax.lax.dynamic_slice(output_gradient, (image, row, 0, 0), (1, rows, w, o))
-        columns = jnp.concatenate(
-            [window[0, i : i + rows, j : j + w] for i in range(kh) for j in range(kw)], axis=-1
-        )
-        product = jnp.dot(
-            columns.reshape(rows * w, kh * kw * c).T,
-            grad.reshape(rows * w, o),
-            preferred_element_type=jnp.float32,
-        )
-        return total + product, None
-
-    total, _ = jax.lax.scan(
-        accumulate, jnp.zeros((kh * kw * c, o), jnp.float32), jnp.arange(b * chunks_per_image)
-    )
-    return total.reshape(kernel_shape)
-
-
-@jax.custom_vjp
-def _conv2d_chunked_kernel_gradient(x: chex.Array, kernel: chex.Array) -> chex.Array:
-    """XLA's convolution with the kernel gradient of `_conv2d_kernel_gradient`."""
-    return _lax_conv2d(x, kernel)
-
-
-def _conv2d_forward(x, kernel):
-    return _lax_conv2d(x, kernel), (x, kernel)
-
-
-def _conv2d_backward(residuals, output_gradient):
-    x, kernel = residuals
-    (input_gradient,) = jax.vjp(lambda v: _lax_conv2d(v, kernel), x)[1](output_gradient)
-    kernel_gradient = _conv2d_kernel_gradient(x, output_gradient, kernel.shape)
-    return input_gradient, kernel_gradient.astype(kernel.dtype)
-
-
-_conv2d_chunked_kernel_gradient.defvjp(_conv2d_forward, _conv2d_backward)
-
-
-def _conv2d(x: chex.Array, kernel: chex.Array) -> chex.Array:
-    """'SAME' stride-1 convolution, `(batch, x, y, in)` * `(kx, ky, in, out)`.
-
-    On CPU the kernel gradient is `_conv2d_kernel_gradient` (reverse mode only); GPU and TPU
-    use XLA's convolution and its gradients (cuDNN / the TPU's own), which are fast there.
-    """
-    if jax.default_backend() == "cpu":
-        return _conv2d_chunked_kernel_gradient(x, kernel)
-    return _lax_conv2d(x, kernel)
 
 
 def _conv3d_as_2d(x: chex.Array, kernel: chex.Array) -> chex.Array:
@@ -264,8 +193,7 @@ def _conv3d(x: chex.Array, kernel: chex.Array) -> chex.Array:
 class Conv(nnx.Module):
     """'SAME' stride-1 convolution, channels-last, kernel `(*kernel_size, in, out)`.
 
-    2D or 3D by the input rank; on CPU, 3D runs as a 2D convolution over z (`_conv3d_as_2d`)
-    and the kernel gradient is chunked (`_conv2d_kernel_gradient`). LeCun
+    2D or 3D by the input rank; on CPU, 3D runs as a 2D convolution over z (`_conv3d_as_2d`). LeCun
     normal initialisation (fan-in = prod(kernel_size) * in), like `flax.nnx.Conv`.
     """
 
