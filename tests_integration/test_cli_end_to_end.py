@@ -271,11 +271,6 @@ def test_seg_2d_predict_resume_info(workdir, capsys):
     assert listed["phantom"][-2:] == ["yes", "240/24/48"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="imgx_data.data_source says `run imgx_data.ensure_built(...)`, not the `imgx build` "
-    "command (registry.py; reported)",
-)
 def test_test_on_a_run_whose_dataset_is_gone_names_the_build_command(workdir, capsys,
                                                                      monkeypatch):  # fmt: skip
     monkeypatch.setenv("IMGX_DATA_DIR", str(workdir / "no-data"))

@@ -75,5 +75,9 @@ def test_data_source_items_and_errors(tmp_path):
     assert example["spacing"].dtype == np.float32
     with pytest.raises(imgx_data.DatasetError, match="Unknown split 'training'"):
         imgx_data.data_source("phantom", "training", tmp_path)
-    with pytest.raises(imgx_data.DatasetError, match="not built"):
+    with pytest.raises(imgx_data.DatasetError, match="not built .*; run: imgx build phantom_3d$"):
         imgx_data.data_source("phantom_3d", "train", tmp_path)
+    with pytest.raises(
+        imgx_data.DatasetError, match=r"run: imgx build amos_ct --manual-dir DIR  # DIR: "
+    ):
+        imgx_data.data_source("amos_ct", "test", tmp_path)

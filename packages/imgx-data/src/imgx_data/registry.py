@@ -183,7 +183,9 @@ def _extracted(manual_dir: str | Path | None) -> Iterator[Path | None]:
 
 
 def build_command(name: str) -> str:
-    """The ``imgx build`` command for a published dataset."""
+    """The ``imgx build`` command for a published or built-in dataset."""
+    if name in GENERATED:
+        return f"imgx build {name}"
     return f"imgx build {name} --manual-dir DIR  # DIR: {BUILDERS[name].MANUAL_DIR}"
 
 
@@ -302,10 +304,16 @@ def ensure_built(name: str, data_dir: str | Path | None = None) -> DatasetInfo:
         return info
     if name in GENERATED:
         return build(name, data_dir=data_dir)
-    raise DatasetError(
-        f"Dataset {name!r} is not built in {_resolve_data_dir(data_dir)}; run: "
-        f"{build_command(name)}"
+    raise DatasetError(_not_built_message(name, data_dir))
+
+
+def _not_built_message(name: str, data_dir: str | Path | None) -> str:
+    command = (
+        build_command(name)
+        if name in BUILDERS
+        else f"imgx build nifti_folder --manual-dir DIR --name {name}"
     )
+    return f"Dataset {name!r} is not built in {_resolve_data_dir(data_dir)}; run: {command}"
 
 
 class DataSource:
@@ -344,7 +352,7 @@ def data_source(name: str, split: str, data_dir: str | Path | None = None) -> Da
         raise DatasetError(f"Unknown split {split!r}; valid splits: {', '.join(SPLITS)}.")
     info = dataset_info(name, data_dir)
     if not info.is_built:
-        raise DatasetError(f"Dataset {name!r} is not built; run imgx_data.ensure_built({name!r}).")
+        raise DatasetError(_not_built_message(name, data_dir))
     if not info.split_sizes.get(split):
         raise DatasetError(f"Split {split!r} of dataset {name!r} is empty ({info.split_sizes}).")
     builder = tfds.builder_from_directory(str(info.path))

@@ -31,6 +31,7 @@ import numpy as np
 import imgx_data
 from imgx_data import scans as scans_lib
 from imgx_train import evaluation
+from imgx_train.config import ConfigError
 
 
 def _cases(inputs: Path, num_channels: int) -> tuple[dict[str, list[Path]], list[tuple[Path, str]]]:
@@ -157,9 +158,9 @@ def predict(
     sampler = sampler or cfg.eval.sampler
     num_steps = num_steps or cfg.eval.num_steps
     if num_samples < 1:
-        raise ValueError(f"num_samples must be at least 1, got {num_samples}")
+        raise ConfigError(f"num_samples must be at least 1, got {num_samples}")
     if num_samples > 1 and not task.is_diffusion:
-        raise ValueError("num_samples > 1 needs a diffusion run: a seg model is deterministic")
+        raise ConfigError("num_samples > 1 needs a diffusion run: a seg model is deterministic")
     cases, problems = _cases(Path(inputs), info.num_channels)
     predict_fn = task.predict_fn(sampler, num_steps, cfg.eval.eta)
     output_dir = Path(output_dir)

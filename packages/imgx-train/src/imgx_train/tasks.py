@@ -218,8 +218,13 @@ class Task:
         """Raises a clear error for a sampler or K the trained model does not allow."""
         if self.is_diffusion:
             if sampler not in idf.SAMPLERS:
-                raise ValueError(f"sampler {sampler!r} is not one of {', '.join(idf.SAMPLERS)}")
-            idf.sampling_diffusion(self.diffusion, num_steps)
+                raise config_lib.ConfigError(
+                    f"sampler {sampler!r} is not one of {', '.join(idf.SAMPLERS)}"
+                )
+            try:
+                idf.sampling_diffusion(self.diffusion, num_steps)
+            except ValueError as e:  # K not allowed by the trained T: a user choice
+                raise config_lib.ConfigError(str(e)) from e
 
     def predict_fn(self, sampler: str, num_steps: int, eta: float = 0.0):
         """`f(params, key, image) -> probabilities (batch, *spatial, C, K)`, jitted.
