@@ -16,7 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 
 import jax
@@ -114,8 +118,12 @@ def bench_case(name: str, steps: int, quick: bool, dtype=jnp.float32, remat=Fals
     step = make_step(graphdef, optimizer, case["diffusion"])
 
     t0 = time.perf_counter()
-    compiled = step.lower(state, opt_state, batch, keys[0]).compile()
+    lowered = step.lower(state, opt_state, batch, keys[0])
+    trace_s = time.perf_counter() - t0
+    compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
+    if steps == 0:  # --compile-only
+        return {"case": name, "compile_s": compile_s, "trace_s": trace_s}
     flops = step_flops(graphdef, optimizer, case["diffusion"], (state, opt_state, batch, keys[0]))
 
     state, opt_state, loss = compiled(state, opt_state, batch, keys[0])  # warm-up
@@ -141,6 +149,29 @@ def bench_case(name: str, steps: int, quick: bool, dtype=jnp.float32, remat=Fals
     }
 
 
+def cached_compile_s(name: str, quick: bool, dtype: str = "float32") -> float:
+    """Compile time of the step in a new process whose persistent compilation cache already
+    holds it, as for a second `imgx train` with the same shapes: two fresh processes share
+    a cache dir, the second one's time is returned."""
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(
+            os.environ,
+            JAX_COMPILATION_CACHE_DIR=cache,
+            JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+            JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+        )
+        command = [sys.executable, __file__, "--compile-only", "--cases", name, "--dtype", dtype]
+        for _ in range(2):
+            out = subprocess.run(
+                command + (["--quick"] if quick else []),
+                env=env,
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+        return json.loads(out.stdout.strip().splitlines()[-1])["compile_s"]
+
+
 def run(
     quick: bool = False,
     steps: int | None = None,
@@ -154,6 +185,7 @@ def run(
     for name in cases:
         r = bench_case(name, steps, quick, jnp.dtype(dtype), remat)
         r["fraction_of_matmul"] = r["gflops"] / reference
+        r["cached_compile_s"] = cached_compile_s(name, quick, dtype)
         results.append(r)
     return {
         "benchmark": "unet_train_step",
@@ -173,13 +205,14 @@ def _table(report: dict) -> str:
         f"backend {report['backend']}, {report['dtype']}, remat={report['remat']}, "
         f"median of {report['steps']} steps; f32 matmul now: {report['matmul_gflops']:.0f} GFLOP/s",
         f"{'case':<12} {'compile s':>9} {'step s':>8} {'GFLOP':>8} {'GFLOP/s':>8} "
-        f"{'% peak':>7} {'% matmul':>8}",
+        f"{'% peak':>7} {'% matmul':>8} {'cached compile s':>16}",
     ]
     for r in report["results"]:
         lines.append(
             f"{r['case']:<12} {r['compile_s']:>9.1f} {r['step_s']:>8.3f} "
             f"{r['gflop_per_step']:>8.1f} {r['gflops']:>8.1f} "
-            f"{100 * r['fraction_of_peak']:>6.1f}% {100 * r['fraction_of_matmul']:>7.1f}%"
+            f"{100 * r['fraction_of_peak']:>6.1f}% {100 * r['fraction_of_matmul']:>7.1f}% "
+            f"{r['cached_compile_s']:>16.1f}"
         )
     return "\n".join(lines)
 
@@ -192,10 +225,17 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", help="computation dtype")
     parser.add_argument("--remat", action="store_true", help="rematerialise blocks")
     parser.add_argument("--out", default=None, help="write the report as JSON here")
+    parser.add_argument(
+        "--compile-only", action="store_true", help="print one case's compile time as JSON"
+    )
     args = parser.parse_args()
     unknown = set(args.cases.split(",")) - set(CASES)
     if unknown:
         parser.error(f"--cases: unknown {sorted(unknown)}; choose from {sorted(CASES)}")
+    if args.compile_only:
+        for name in args.cases.split(","):
+            print(json.dumps(bench_case(name, 0, args.quick, jnp.dtype(args.dtype), args.remat)))
+        return
     report = run(args.quick, args.steps, tuple(args.cases.split(",")), args.dtype, args.remat)
     print(_table(report))
     if args.out:

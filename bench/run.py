@@ -46,7 +46,7 @@ def default_train_wall_time() -> dict:
         for name in ("first_run_s", "cached_run_s"):
             start = time.perf_counter()
             out = subprocess.run(
-                [sys.executable, "-m", "imgx_cli.main", "train", "--wandb", "disabled"],
+                [sys.executable, "-m", "imgx_cli.main", "train"],  # as a new user runs it
                 cwd=tmp,
                 env=env,
                 capture_output=True,
