@@ -47,6 +47,11 @@ def test_phantom_3d_classes_and_intensity_overlap():
     # Neighbouring organ intensity distributions overlap under the noise.
     spleen, kidney = image[label == 2, 0], image[label == 3, 0]
     assert np.quantile(spleen, 0.9) > np.quantile(kidney, 0.1)
+    right, left = image[label == 3, 0], image[label == 4, 0]
+    assert np.quantile(right, 0.9) > np.quantile(left, 0.1)
+    # ... yet every organ has its own mean intensity (spec: distinct means)
+    means = [float(np.median(image[label == k, 0])) for k in range(1, 5)]
+    assert np.all(np.diff(means) > 0.02), means
 
 
 def test_reduced_phantom_build_and_source(tmp_path):

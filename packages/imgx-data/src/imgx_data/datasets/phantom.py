@@ -101,7 +101,7 @@ ORGANS_3D = (
     ("liver", (32.0, 44.0, 85.0), (22.0, 19.0, 45.0), 0.55),
     ("spleen", (70.0, 52.0, 90.0), (10.0, 13.0, 30.0), 0.62),
     ("right kidney", (34.0, 70.0, 70.0), (8.0, 10.0, 22.0), 0.7),
-    ("left kidney", (64.0, 70.0, 72.0), (8.0, 10.0, 22.0), 0.7),
+    ("left kidney", (64.0, 70.0, 72.0), (8.0, 10.0, 22.0), 0.76),
 )
 
 
@@ -115,7 +115,7 @@ def phantom_3d(
     Geometry is in mm (anisotropic spacing): each organ's centre is jittered by N(0, 4 mm),
     its semi-axes scaled by U(0.85, 1.15), rotated about z by U(-0.3, 0.3) rad and its
     coordinates displaced by a smooth sinusoidal field (amplitude up to 3 mm). Intensities:
-    air 0, body 0.3, organs 0.55..0.7 (each jittered by U(-0.03, 0.03), so the classes
+    air 0, body 0.3, organs 0.55, 0.62, 0.7, 0.76 (each jittered by U(-0.03, 0.03), so the classes
     overlap under noise), multiplied by a quadratic bias field ``1 + sum b_ij u_i u_j``
     (|b| <= 0.1), plus Gaussian noise with sigma U(0.04, 0.07), clipped to [0, 1].
 
