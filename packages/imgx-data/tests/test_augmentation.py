@@ -1,5 +1,6 @@
 """Tests of the JAX augmentation against closed forms."""
 
+import dataclasses
 import functools
 
 import jax
@@ -11,6 +12,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 from imgx_data.augmentation import (
     AugmentationConfig,
     augment_batch,
+    clip_shift_to_foreground,
+    foreground_bounding_box,
     gamma_correction,
     identity_parameters,
     min_max_rescale,
@@ -18,6 +21,7 @@ from imgx_data.augmentation import (
     resample,
     sample_affine_parameters,
     sampling_coordinates,
+    sampling_matrix,
 )
 
 _augment_batch = jax.jit(augment_batch, static_argnums=2)
@@ -242,3 +246,135 @@ def test_config_rejects_bad_probability():
 def test_config_that_does_not_fit_the_image_is_named(config, match):
     with pytest.raises(ValueError, match=match):
         sample_affine_parameters(jax.random.key(0), config, (8, 8))
+
+
+# Pure shifts of up to 6 voxels: the nearest-neighbour label then loses a foreground voxel
+# only where it leaves the image, so foreground counts are exact.
+_SHIFT_ONLY = AugmentationConfig(
+    rotation_degrees=0.0,
+    zoom=0.0,
+    shear_degrees=0.0,
+    shift=6.0,
+    shift_unit="voxel",
+    gamma=0.0,
+    probability=1.0,
+    rescale=False,
+)
+_NEAR_BORDER = jnp.zeros((16, 16), jnp.uint8).at[1:4, 12:15].set(1)  # 9 voxels
+_CENTRAL = jnp.zeros((16, 16), jnp.uint8).at[7:9, 7:9].set(2)  # never leaves under ±6
+_COPIES = 16
+
+
+def _shift_only_batch(keep):
+    labels = [_NEAR_BORDER, _CENTRAL, jnp.zeros((16, 16), jnp.uint8)]
+    batch = {
+        "image": jnp.broadcast_to(
+            jnp.arange(256.0, dtype=jnp.float32).reshape(16, 16, 1),
+            (3 * _COPIES, 16, 16, 1),
+        ),
+        "label": jnp.concatenate([jnp.stack([label] * _COPIES) for label in labels]),
+        "spacing": jnp.ones((3 * _COPIES, 2)),
+    }
+    config = dataclasses.replace(_SHIFT_ONLY, keep_foreground_in_view=keep)
+    return _augment_batch(jax.random.key(6), batch, config)
+
+
+@functools.cache
+def _shift_only_outputs():
+    return _shift_only_batch(True), _shift_only_batch(False)
+
+
+def test_foreground_bounding_box():
+    low, high, any_foreground = foreground_bounding_box(_NEAR_BORDER)
+    np.testing.assert_array_equal(low, [1, 12])
+    np.testing.assert_array_equal(high, [3, 14])
+    assert bool(any_foreground)
+    assert not bool(foreground_bounding_box(jnp.zeros((4, 5), jnp.uint8))[2])
+
+
+def test_keep_foreground_in_view_loses_no_foreground_near_the_border():
+    kept, free = _shift_only_outputs()
+    near = slice(0, _COPIES)
+    counts_kept = np.sum(np.asarray(kept["label"][near]) > 0, axis=(1, 2))
+    counts_free = np.sum(np.asarray(free["label"][near]) > 0, axis=(1, 2))
+    np.testing.assert_array_equal(counts_kept, 9)
+    assert counts_free.min() < 9  # without the option the shift pushes some out
+
+
+def test_keep_foreground_in_view_still_shifts():
+    kept, _ = _shift_only_outputs()
+    labels = np.asarray(kept["label"][:_COPIES]) > 0
+    # Each sample's box is the input box moved by −t (rounded), t clipped to
+    # t_0 ∈ [−12, 1], t_1 ∈ [−1, 12] out of ±6: it still moves, and by several voxels.
+    corners = np.array([np.argwhere(label).min(axis=0) for label in labels])
+    assert len({tuple(c) for c in corners}) >= 5
+    assert corners[:, 0].max() >= 4 and corners[:, 1].min() <= 9
+    assert np.all(corners >= 0) and np.all(corners + [2, 2] <= 15)
+
+
+@pytest.mark.parametrize("which", [1, 2], ids=["constraint_inactive", "no_foreground"])
+def test_keep_foreground_in_view_leaves_other_samples_unchanged(which):
+    kept, free = _shift_only_outputs()
+    rows = slice(which * _COPIES, (which + 1) * _COPIES)
+    np.testing.assert_array_equal(kept["image"][rows], free["image"][rows])
+    np.testing.assert_array_equal(kept["label"][rows], free["label"][rows])
+
+
+def test_keep_foreground_in_view_keeps_the_view_inside_a_wider_foreground():
+    # Foreground spans all 16 rows, the patch 8: the view must stay inside rows 0..15.
+    label = jnp.zeros((16, 16), jnp.uint8).at[:, 6:10].set(1)
+    config = dataclasses.replace(_SHIFT_ONLY, patch_shape=(8, 16), keep_foreground_in_view=True)
+    batch = {
+        "image": jnp.ones((_COPIES, 16, 16, 1)),
+        "label": jnp.stack([label] * _COPIES),
+        "spacing": jnp.ones((_COPIES, 2)),
+    }
+    out = _augment_batch(jax.random.key(7), batch, config)
+    np.testing.assert_array_equal(np.sum(np.asarray(out["label"]) > 0, axis=(1, 2)), 8 * 4)
+
+
+def test_clipped_shift_keeps_the_box_inside_the_view_under_the_whole_affine():
+    # 3D, anisotropic, rotation + shear + zoom + flips: every corner of the foreground box
+    # maps inside [0, P − 1] by o = c_P + M⁻¹(x − q − t); untouched where it already did.
+    label = jnp.zeros((12, 12, 6), jnp.uint8).at[1:4, 8:11, 1:3].set(1)
+    spacing = jnp.array([1.0, 1.5, 3.0])
+    start = jnp.array([1, 1, 0], jnp.int32)
+    patch = (10, 10, 6)
+    config = AugmentationConfig(
+        rotation_degrees=10.0,
+        zoom=0.1,
+        shear_degrees=5.0,
+        shift=8.0,
+        shift_unit="voxel",
+        probability=1.0,
+        flip_axes=(0, 1, 2),
+    )
+
+    def sample(key):
+        params = sample_affine_parameters(key, config, label.shape)
+        clipped = clip_shift_to_foreground(params, spacing, label, start, patch)
+        return params.shift, clipped.shift, sampling_matrix(params, spacing)
+
+    keys = jax.random.split(jax.random.key(8), 64)
+    sampled, clipped, matrices = map(np.asarray, jax.jit(jax.vmap(sample))(keys))
+    corners = np.array(np.meshgrid([1, 3], [8, 10], [1, 2], indexing="ij")).reshape(3, -1).T
+    centre = (np.array(patch) - 1.0) / 2.0
+    origin = np.asarray(start) + centre
+
+    def positions(matrix, shift):  # (corners, ndim) output positions
+        return centre + np.linalg.solve(matrix, (corners - origin - shift).T).T
+
+    outside_before = 0
+    for matrix, before, after in zip(matrices, sampled, clipped, strict=True):
+        inside = np.all(
+            (positions(matrix, after) >= -1e-3)
+            & (positions(matrix, after) <= np.array(patch) - 1 + 1e-3)
+        )
+        assert inside
+        was_inside = np.all(
+            (positions(matrix, before) >= 0) & (positions(matrix, before) <= np.array(patch) - 1)
+        )
+        outside_before += not was_inside
+        if was_inside:
+            np.testing.assert_array_equal(after, before)
+    assert outside_before > 0  # the clip was needed for some samples

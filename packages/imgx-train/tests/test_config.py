@@ -107,6 +107,19 @@ def test_paper_presets_shift_in_voxels_per_dataset(data, preset, tmp_path):
     )
 
 
+@pytest.mark.parametrize(
+    ("preset", "expected"), [(None, False), ("melba2023", True), ("dgm4miccai2023", False)]
+)
+def test_only_melba2023_keeps_the_foreground_in_view(preset, expected, tmp_path):
+    """shared/spec/presets.md: melba2023 limits the shift so the foreground stays in view."""
+    cfg = presets.make_config("phantom", preset=preset)
+    assert cfg.data.keep_foreground_in_view is expected
+    info = imgx_data.dataset_info("phantom", data_dir=tmp_path)
+    assert tasks.augmentation_config(cfg, info).keep_foreground_in_view is expected
+    off = config_lib.replace(cfg, {"data.augmentation": False})
+    assert tasks.augmentation_config(off, info).keep_foreground_in_view is False
+
+
 def test_per_axis_shift_round_trip_and_wrong_length(tmp_path):
     cfg = presets.make_config("phantom", overrides="data.shift=[4,2],data.shift_unit=voxel")
     assert cfg.data.shift == (4.0, 2.0)

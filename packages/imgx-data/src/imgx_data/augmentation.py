@@ -28,6 +28,23 @@ the patch inside the image (nnU-Net-style oversampling, Isensee et al., Nat. Met
 class ``c`` (``n_c`` voxels of that class in the sample), so every present class is equally
 likely to be centred, however small it is.
 
+With ``keep_foreground_in_view`` the sampled shift is clipped, per sample, so that the
+foreground stays in view. In output coordinates the transform reads ``o = c_P + M⁻¹(x − q) − u``
+with ``u = M⁻¹ t``, so each output axis ``i`` constrains only ``u_i``: the foreground bounding
+box ``[b_lo, b_hi]`` (voxel centres with label > 0, computed on device) maps inside
+``[0, P_i − 1]`` exactly when ``u_i ∈ [e_hi,i − (P_i − 1), e_lo,i]``, where ``[e_lo, e_hi]``
+is the box's extent ``c_P + M⁻¹([b_lo, b_hi] − q)`` under the rest of the transform (interval
+arithmetic, exact for a box). ``u`` is clipped to that interval and ``t = M u``, which moves
+the shift the least along each output axis. Guarantee: where the box's transformed extent fits
+in the view (``e_hi,i − e_lo,i ≤ P_i − 1``), every point of the box, hence every foreground
+voxel centre, lands inside the view after the whole affine (rotation, shear, zoom, flips
+included); with a pure shift the nearest-neighbour label then keeps every foreground voxel.
+Along an axis where it does not fit, ``u_i`` is clipped to ``[e_hi,i − (P_i − 1), e_lo,i]``
+reversed, i.e. the view stays within the foreground's extent. The clip can move a shift beyond
+the sampled range (and an unapplied shift away from 0) when the identity shift does not keep
+the foreground in view, e.g. for a random patch away from the foreground. Samples without
+foreground keep their sampled shift.
+
 Defaults follow the published toolkit (ImgX-DiffSeg, Fu et al. 2023): rotation ±30°,
 zoom ±0.2, shear ±30°, shift ±0.3 of the size, log γ ± 0.3, probability 0.5 each.
 """
@@ -68,6 +85,9 @@ class AugmentationConfig:
         foreground_fraction: share of patches centred on a random foreground voxel.
         foreground_class_balance: draw the foreground voxel's class uniformly among the
             classes present (labels < 256), not in proportion to their volume.
+        keep_foreground_in_view: clip each sample's shift so that its foreground bounding
+            box (label > 0) stays inside the output after the whole affine (see the module
+            docstring for the exact guarantee); samples without foreground are unchanged.
     """
 
     rotation_degrees: float = 30.0
@@ -83,6 +103,7 @@ class AugmentationConfig:
     patch_shape: tuple[int, ...] | None = None
     foreground_fraction: float = 0.0
     foreground_class_balance: bool = True
+    keep_foreground_in_view: bool = False
 
     def __post_init__(self):
         for name in ("probability", "flip_probability", "foreground_fraction"):
@@ -307,6 +328,75 @@ def sample_affine_parameters(
     )
 
 
+def foreground_bounding_box(label: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per-axis first and last index of the voxels with ``label > 0``.
+
+    Args:
+        label: ``(*spatial)`` integer labels.
+
+    Returns:
+        ``low`` and ``high`` ``(ndim,)`` int32 (inclusive) and a scalar bool, whether there is
+        any foreground; without foreground the box is meaningless.
+    """
+    foreground = label > 0
+    low, high = [], []
+    for axis, size in enumerate(label.shape):
+        others = tuple(a for a in range(label.ndim) if a != axis)
+        profile = foreground.any(axis=others)
+        low.append(jnp.argmax(profile))
+        high.append(size - 1 - jnp.argmax(profile[::-1]))
+    return (
+        jnp.stack(low).astype(jnp.int32),
+        jnp.stack(high).astype(jnp.int32),
+        foreground.any(),
+    )
+
+
+def clip_shift_to_foreground(
+    params: AffineParameters,
+    spacing: jax.Array,
+    label: jax.Array,
+    patch_start: jax.Array,
+    patch_shape: tuple[int, ...],
+) -> AffineParameters:
+    """``params`` with the shift clipped so that the foreground box stays in view.
+
+    Output voxel ``o`` reads ``x = q + M (o − c_P) + t``, so input voxel ``x`` appears at
+    ``o = c_P + M⁻¹(x − q) − u`` with ``u = M⁻¹ t``. Over the foreground box
+    ``b_lo ≤ x ≤ b_hi`` row ``i`` of ``M⁻¹(x − q)`` spans
+    ``[Σ_j min(m_ij (b_lo − q)_j, m_ij (b_hi − q)_j), Σ_j max(...)]`` (``m = M⁻¹``), which
+    gives the extent ``[e_lo, e_hi]``; ``0 ≤ o_i ≤ P_i − 1`` over the box holds exactly when
+    ``e_hi,i − (P_i − 1) ≤ u_i ≤ e_lo,i``. ``u`` is clipped to that interval (to the reversed
+    interval where the extent exceeds the view) and ``t`` becomes ``t + M (u_clipped − u)``,
+    which is ``t`` bit for bit where no clip is needed. Without foreground ``t`` is kept.
+
+    Args:
+        params: the sampled transform.
+        spacing: ``(ndim,)`` mm per voxel.
+        label: ``(*spatial)`` integer labels of the input.
+        patch_start: ``(ndim,)`` integer input index of the patch's first voxel.
+        patch_shape: output spatial shape ``P``.
+
+    Returns:
+        ``params`` with a new ``shift`` (voxels, ``(ndim,)``).
+    """
+    matrix = sampling_matrix(params, spacing)
+    inverse = jnp.linalg.inv(matrix)
+    low, high, has_foreground = foreground_bounding_box(label)
+    centre = (jnp.asarray(patch_shape, jnp.float32) - 1.0) / 2.0
+    origin = patch_start.astype(jnp.float32) + centre
+    to_low = inverse * (low.astype(jnp.float32) - origin)[None, :]
+    to_high = inverse * (high.astype(jnp.float32) - origin)[None, :]
+    extent_low = centre + jnp.minimum(to_low, to_high).sum(axis=1)
+    extent_high = centre + jnp.maximum(to_low, to_high).sum(axis=1)
+    bound_a = extent_high - (jnp.asarray(patch_shape, jnp.float32) - 1.0)
+    bound_b = extent_low
+    shift_out = inverse @ params.shift
+    clipped = jnp.clip(shift_out, jnp.minimum(bound_a, bound_b), jnp.maximum(bound_a, bound_b))
+    shift = params.shift + matrix @ (clipped - shift_out)
+    return params._replace(shift=jnp.where(has_foreground, shift, params.shift))
+
+
 def random_patch_start(
     key: jax.Array,
     label: jax.Array,
@@ -394,6 +484,8 @@ def augment_sample(
             config.foreground_class_balance,
         )
     params = sample_affine_parameters(key_affine, config, spatial)
+    if config.keep_foreground_in_view:
+        params = clip_shift_to_foreground(params, spacing, label, start, patch_shape)
     coordinates = sampling_coordinates(params, spacing, start, patch_shape)
     image, label = resample(image, label, coordinates)
     if config.rescale:

@@ -41,6 +41,8 @@ class DataConfig:
       shift: maximum |shift|, one value for every axis or one per spatial axis, in units of
         `shift_unit`.
       shift_unit: `fraction` of the image size along the axis, or `voxel`.
+      keep_foreground_in_view: clip each sample's shift so that the label's foreground
+        bounding box stays inside the (patch) view after the affine (melba2023).
       gamma: maximum |log γ| of the intensity gamma.
       probability: probability of applying each scalar augmentation parameter.
       flip: random flips along every spatial axis.
@@ -60,6 +62,7 @@ class DataConfig:
     shear: float = 30.0
     shift: float | tuple[float, ...] = 0.3
     shift_unit: str = "fraction"
+    keep_foreground_in_view: bool = False
     gamma: float = 0.3
     probability: float = 0.5
     flip: bool = False

@@ -44,6 +44,7 @@ def augmentation_config(
         shear_degrees=d.shear if on else 0.0,
         shift=d.shift if on else 0.0,
         shift_unit=d.shift_unit,
+        keep_foreground_in_view=on and d.keep_foreground_in_view,
         gamma=d.gamma if on else 0.0,
         probability=d.probability,
         flip_axes=tuple(range(info.num_spatial_dims)) if (on and d.flip) else (),
