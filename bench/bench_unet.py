@@ -5,6 +5,7 @@ parameters and optimiser state. Cases (3 classes, float32 unless --dtype):
   2d           batch 8 x 128 x 128 x 1, segmentation
   3d           batch 1 x 64 x 64 x 32 x 1, segmentation
   diffusion2d  batch 8 x 128 x 128: image + 3 noisy-mask channels + time
+  diffusion3d  batch 1 x 64 x 64 x 32: image + 3 noisy-mask channels + time
 Reports compile time, median step time, FLOPs per step (XLA cost analysis) and achieved
 GFLOP/s, as a fraction of the CPU's nominal fp32 peak and of a float32 matmul measured in the
 same run (the machine is shared: the matmul calibrates for contention).
@@ -45,8 +46,14 @@ CASES = {
     "2d": dict(num_spatial_dims=2, shape=(8, 128, 128), diffusion=False),
     "3d": dict(num_spatial_dims=3, shape=(1, 64, 64, 32), diffusion=False),
     "diffusion2d": dict(num_spatial_dims=2, shape=(8, 128, 128), diffusion=True),
+    "diffusion3d": dict(num_spatial_dims=3, shape=(1, 64, 64, 32), diffusion=True),
 }
-QUICK_SHAPES = {"2d": (2, 64, 64), "3d": (1, 32, 32, 16), "diffusion2d": (2, 64, 64)}
+QUICK_SHAPES = {
+    "2d": (2, 64, 64),
+    "3d": (1, 32, 32, 16),
+    "diffusion2d": (2, 64, 64),
+    "diffusion3d": (1, 32, 32, 16),
+}
 NUM_CLASSES = 3
 
 

@@ -3,6 +3,7 @@
     uv run python bench/run.py            # full (about 15 minutes on a 2-core CPU)
     uv run python bench/run.py --quick    # a smoke run of every benchmark
     uv run python bench/run.py --only unet,sampling
+    uv run python bench/run.py --dtype bfloat16   # on a GPU: the U-Net step in bfloat16
 
 Each benchmark prints its own table; the JSON holds all results plus the machine, and the
 wall time of the default `imgx train` (fresh data dir, persistent compilation cache off,
@@ -94,6 +95,11 @@ def main() -> None:
     parser.add_argument("--only", help="comma-separated subset of " + ",".join(BENCHMARKS))
     parser.add_argument("--skip-imgx-train", action="store_true")
     parser.add_argument("--out", help="JSON path (default bench/results/<date>-<machine>.json)")
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        help="computation dtype of the U-Net train-step benchmark (bfloat16 on a GPU)",
+    )
     args = parser.parse_args()
     names = args.only.split(",") if args.only else list(BENCHMARKS)
     machine = f"{platform.machine()}-{os.cpu_count()}cpu-{jax.default_backend()}"
@@ -104,12 +110,14 @@ def main() -> None:
         "jax": jax.__version__,
         "device": jax.devices()[0].device_kind,
         "quick": args.quick,
+        "unet_dtype": args.dtype,
         "results": {},
     }
     for name in names:
         print(f"\n== {name} ==", flush=True)
         start = time.perf_counter()
-        report["results"][name] = _module(name).run(args.quick)
+        kwargs = {"dtype": args.dtype} if name == "unet" else {}
+        report["results"][name] = _module(name).run(args.quick, **kwargs)
         print(f"({time.perf_counter() - start:.0f} s)", flush=True)
     if not args.skip_imgx_train and not args.only:
         print("\n== imgx train (default) ==", flush=True)
@@ -121,7 +129,11 @@ def main() -> None:
         else (
             BENCH_DIR
             / "results"
-            / f"{report['date']}-{machine}{'-quick' if args.quick else ''}.json"
+            / (
+                f"{report['date']}-{machine}"
+                f"{'' if args.dtype == 'float32' else '-' + args.dtype}"
+                f"{'-quick' if args.quick else ''}.json"
+            )
         )
     )
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -68,11 +68,16 @@ def test_predict_long_flags_and_equals_form(api, imgx, run_dir, tmp_path):
 
 def test_predict_reports_failed_inputs_and_exits_1(api, imgx, run_dir, tmp_path):
     (tmp_path / "scans").mkdir()
-    api.predict_failures = [("scans/bad.nii.gz", "not a NIfTI file")]
+    api.predict_failures = [
+        ("scans/bad.nii.gz", "not a NIfTI file"),
+        ("scans/c_0000.nii.gz", "scans/c_0000.nii.gz: 2 channels, the model takes 1"),
+    ]
     code, out, err = imgx("predict", "--run", str(run_dir), "-i", "scans", "-o", "preds")
     assert code == 1
     assert "imgx: failed: scans/bad.nii.gz: not a NIfTI file" in err
-    assert "1 input(s) failed" in err
+    # a message that already names the file is not prefixed with it again
+    assert "imgx: failed: scans/c_0000.nii.gz: 2 channels, the model takes 1\n" in err
+    assert "2 input(s) failed" in err
     assert "Traceback" not in err
 
 

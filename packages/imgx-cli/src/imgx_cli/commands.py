@@ -416,7 +416,9 @@ def predict(
     written, failures = result["written"], result["failures"]
     _echo(f"wrote {len(written)} files to {output}")
     for path, message in failures:
-        print(f"imgx: failed: {path}: {message}", file=sys.stderr)
+        # messages from imgx-data usually start with the file already
+        text = message if str(message).startswith(str(path)) else f"{path}: {message}"
+        print(f"imgx: failed: {text}", file=sys.stderr)
     if failures:
         raise CommandExit(1, f"{len(failures)} input(s) failed; the others were written")
 
