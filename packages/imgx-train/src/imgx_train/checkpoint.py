@@ -31,6 +31,17 @@ from imgx_train import runs
 
 logger = logging.getLogger(__name__)
 
+
+class _DropReadOnlyNotice(logging.Filter):
+    """orbax warns that a read-only manager's directory is read only: true and intended
+    (evaluation and prediction open checkpoints read-only), so users are not shown it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Given directory is read only" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_DropReadOnlyNotice())
+
 METRIC_KEY = "valid_dice"
 _STEP_KEY = "step"
 
@@ -57,6 +68,7 @@ def manager(run_dir: str | Path, *, keep: int = 2, read_only: bool = False):
         preservation_policy=policy,
         create=not read_only,
         read_only=read_only,
+        save_interval_steps=0 if read_only else 1,
         enable_async_checkpointing=True,
     )
     directory = Path(run_dir).absolute() / "checkpoints"
