@@ -128,14 +128,18 @@ def kill_during_save(step: int) -> None:
     about to be committed (renamed into place), so the step is left incomplete on disk.
     Used by the fault-tolerance tests through `IMGX_FAULT_INJECTION=save:<step>`.
     """
-    original = ocp_atomicity.AtomicRenameTemporaryPath.finalize
+    path_class = ocp_atomicity.AtomicRenameTemporaryPath
+    # the unpatched method: installing the hook again (several runs in one process) replaces
+    # the previous hook instead of stacking on it
+    original = getattr(path_class.finalize, "_imgx_original", path_class.finalize)
 
     async def finalize(self, *args, **kwargs):
         if self.get_final().name == str(step):
             os.kill(os.getpid(), signal.SIGKILL)
         return await original(self, *args, **kwargs)
 
-    ocp_atomicity.AtomicRenameTemporaryPath.finalize = finalize
+    finalize._imgx_original = original
+    path_class.finalize = finalize
 
 
 def _abstract(state: Any) -> Any:

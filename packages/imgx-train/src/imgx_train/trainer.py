@@ -415,9 +415,7 @@ def _train(
         raise TrainingInterrupted(run_dir, saved) from None
     finally:
         progress.close()
-    if step not in mngr.all_steps():
-        ckpt_lib.save(mngr, step, state, meta(step))
-    ckpt_lib.wait(mngr)
+    _save_final(mngr, step, state, meta)
     mngr.close()
     if wandb_run is not None:
         wandb_run.finish()
@@ -444,10 +442,15 @@ def _save_on_interrupt(mngr, state: dict[str, Any], meta) -> int:
         logger.warning("interrupted inside a step: resuming will start from step %d", last)
         return last
     step = int(np.asarray(state["step"].addressable_data(0)))
+    _save_final(mngr, step, state, meta)
+    return step
+
+
+def _save_final(mngr, step: int, state: dict[str, Any], meta) -> None:
+    """Saves `step` unless it is on disk already, then waits for every save to finish."""
     if step not in mngr.all_steps():
         ckpt_lib.save(mngr, step, state, meta(step))
     ckpt_lib.wait(mngr)
-    return step
 
 
 def _log_record(step: int, metrics: dict[str, jax.Array], schedule) -> dict[str, Any]:
