@@ -100,10 +100,12 @@ def find_scans(folder: str | Path, num_channels: int, *, case: str | None = None
     found = False
     for path in sorted(folder.iterdir()):
         parts = _split_ending(path) if path.is_file() else None
-        if parts is None or (case is not None and case_of(path) != case):
+        if parts is None:
+            continue
+        match = _CHANNEL.match(parts[0])
+        if case is not None and (match["case"] if match else parts[0]) != case:
             continue
         found = True
-        match = _CHANNEL.match(parts[0])
         if match:
             channels.setdefault(match["case"], {}).setdefault(int(match["channel"]), []).append(
                 path

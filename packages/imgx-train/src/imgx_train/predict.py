@@ -99,6 +99,8 @@ class RunningEnsemble:
         self._m2 += (x - previous) * (x - self._total / self.count)
 
     def result(self) -> Ensemble:
+        # The same maps as `imgx_diffusion.ensemble_from_probabilities`, computed here in
+        # numpy on the host so that a whole volume never has to fit on the accelerator.
         if self._total is None:
             raise ValueError("RunningEnsemble.result: no sample was added.")
         mean = self._total / self.count
