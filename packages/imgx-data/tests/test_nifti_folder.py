@@ -298,3 +298,19 @@ def test_failed_overwrite_keeps_the_existing_build(tmp_path):
     assert rebuilt.image_shape == (4, 4, 4) != first.image_shape
     assert imgx_data.data_source("mine", "test", data)[0]["image"].shape == (4, 4, 4, 1)
     assert [p.name for p in data.iterdir()] == ["mine"]
+
+
+def test_build_under_a_name_taken_by_a_foreign_folder_deletes_nothing(tmp_path):
+    write_nnunet(tmp_path / "raw", 3, channels=1)
+    foreign = tmp_path / "data" / "mine" / "1.0.0"
+    foreign.mkdir(parents=True)
+    (foreign / "notes.txt").write_text("not imgx's")
+    for overwrite in (False, True):
+        with pytest.raises(
+            DatasetError,
+            match=rf"{foreign}: exists but is not an imgx build.*choose another --data-dir or "
+            r"--name, or remove the folder yourself",
+        ):
+            _build(tmp_path, tmp_path / "raw", overwrite=overwrite)
+        assert (foreign / "notes.txt").read_text() == "not imgx's"
+    assert [p.name for p in (tmp_path / "data").iterdir()] == ["mine"]  # no staging left

@@ -81,3 +81,26 @@ def test_data_source_items_and_errors(tmp_path):
         imgx_data.DatasetError, match=r"run: imgx build amos_ct --manual-dir DIR  # DIR: "
     ):
         imgx_data.data_source("amos_ct", "test", tmp_path)
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_build_never_replaces_a_folder_imgx_did_not_write(tmp_path, overwrite):
+    # The default data dir is TFDS's: another dataset may live at <data_dir>/<name>/1.0.0.
+    foreign = tmp_path / "phantom" / "1.0.0"
+    foreign.mkdir(parents=True)
+    (foreign / "dataset_info.json").write_text("{}")
+    message = rf"{foreign}: exists but is not an imgx build.*remove the folder yourself"
+    with pytest.raises(imgx_data.DatasetError, match=message):
+        imgx_data.build("phantom", data_dir=tmp_path, split_sizes=(1, 1, 1), overwrite=overwrite)
+    with pytest.raises(imgx_data.DatasetError, match=message):
+        imgx_data.ensure_built("phantom", tmp_path)  # `imgx train --data phantom`
+    assert (foreign / "dataset_info.json").read_text() == "{}"
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == [
+        "phantom",
+        "phantom/1.0.0",
+        "phantom/1.0.0/dataset_info.json",
+    ]
+    (tmp_path / "phantom_3d").write_text("a file where the dataset folder would go")
+    with pytest.raises(imgx_data.DatasetError, match=r"phantom_3d: is a file, not an imgx"):
+        imgx_data.build("phantom_3d", data_dir=tmp_path, split_sizes=(1, 1, 1))
+    assert (tmp_path / "phantom_3d").read_text().startswith("a file")

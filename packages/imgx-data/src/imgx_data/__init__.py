@@ -2,7 +2,8 @@
 
 Public API (re-exported here)::
 
-    data_dir, list_datasets, dataset_info, build, ensure_built, data_source, postprocess,
+    data_dir, list_datasets, dataset_info, build, existing_build, ensure_built, data_source,
+    postprocess,
     DatasetInfo, DataSource, DatasetError, io (read_image, write_image, Geometry, ...),
     restore_to_original, resample_to_geometry, find_scans, prepare_scan, restore_scan_label,
     TrainIterator, eval_batches, AugmentationConfig, augment_batch, augment_sample,
@@ -29,6 +30,7 @@ from imgx_data.registry import (
     data_source,
     dataset_info,
     ensure_built,
+    existing_build,
     list_datasets,
     postprocess,
 )
@@ -48,6 +50,7 @@ __all__ = [
     "dataset_info",
     "ensure_built",
     "example_geometry",
+    "existing_build",
     "find_scans",
     "io",
     "list_datasets",

@@ -21,7 +21,13 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
-from imgx_data.datasets import BUILDERS, GENERATED, NiftiFolder, nifti_folder_builder
+from imgx_data.datasets import (
+    BUILDERS,
+    GENERATED,
+    ImgxBuilder,
+    NiftiFolder,
+    nifti_folder_builder,
+)
 from imgx_data.datasets.base import DATASET_VERSION, METADATA_KEY, SPLITS, DatasetSpec
 from imgx_data.errors import DatasetError
 from imgx_data.postprocess import POSTPROCESSORS
@@ -189,35 +195,28 @@ def build_command(name: str) -> str:
     return f"imgx build {name} --manual-dir DIR  # DIR: {BUILDERS[name].MANUAL_DIR}"
 
 
-def build(
-    name: str,
-    /,
-    *,
-    manual_dir: str | Path | None = None,
-    data_dir: str | Path | None = None,
-    overwrite: bool = False,
-    **options: Any,
-) -> DatasetInfo:
-    """Builds a dataset into the data dir and describes it.
+#: The file in each dataset folder that records how imgx built it (see :func:`build`).
+BUILD_RECORD = "imgx_build.json"
 
-    Args:
-        name: a published/built-in name, or ``"nifti_folder"`` with the keyword option
-            ``name=NAME`` (positional-only, so the two names do not clash).
-        manual_dir: folder (or zip file) with the raw files; see :class:`DatasetInfo`'s
-            ``manual_dir`` for what it must hold. Not needed for the phantoms.
-        data_dir: see :func:`data_dir`.
-        overwrite: rebuild a dataset that is already built (else it is kept).
-        **options: builder options: ``target_spacing``/``target_shape`` for every builder,
-            ``split_sizes`` for the phantoms; for ``nifti_folder``: ``name`` (required),
-            ``spacing``, ``shape``.
 
-    Returns:
-        The built dataset's DatasetInfo.
+def _plain(value: Any) -> Any:
+    """An option value as JSON holds it (sequences and numpy values as lists/numbers)."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [_plain(v) for v in value]
+    return value
 
-    Raises:
-        DatasetError: bad raw input; nothing is left in the data dir.
+
+def _build_request(
+    name: str, manual_dir: str | Path | None, options: dict[str, Any]
+) -> tuple[str, type[ImgxBuilder], dict[str, Any]]:
+    """The dataset name, its builder class and the build parameters of a build request.
+
+    The parameters are what :data:`BUILD_RECORD` stores: the builder name, the absolute
+    manual dir and every option of the builder (the given value, else its default).
     """
-    root = _resolve_data_dir(data_dir)
+    options = dict(options)
     if name == NIFTI_FOLDER:
         dataset_name = options.pop("name", None)
         if not dataset_name:
@@ -230,17 +229,168 @@ def build(
             )
         if manual_dir is None:
             raise DatasetError(f"{NIFTI_FOLDER} needs --manual-dir: {NiftiFolder.MANUAL_DIR}.")
+        builder: type[ImgxBuilder] = nifti_folder_builder(dataset_name)
     elif name in BUILDERS:
-        dataset_name = name
+        dataset_name, builder = name, BUILDERS[name]
         if name not in GENERATED and manual_dir is None:
             raise DatasetError(f"{name} needs the raw files: {build_command(name)}")
     else:
         raise DatasetError(
             f"Unknown dataset {name!r}; buildable: {', '.join([*BUILDERS, NIFTI_FOLDER])}."
         )
+    defaults = builder.default_options()
+    unknown = sorted(set(options) - set(defaults))
+    if unknown:
+        raise DatasetError(
+            f"{name}: unknown build option(s) {', '.join(unknown)}; it takes {', '.join(defaults)}."
+        )
+    parameters: dict[str, Any] = {
+        "dataset": name,
+        "manual_dir": None if manual_dir is None else str(Path(manual_dir).expanduser().resolve()),
+    }
+    for key, default in defaults.items():
+        value = options.get(key)
+        parameters[key] = _plain(default if value is None else value)
+    return dataset_name, builder, json.loads(json.dumps(parameters))
+
+
+def _stored_parameters(path: Path) -> dict[str, Any] | None:
+    """The build parameters recorded in a dataset folder, None if there is no record."""
+    try:
+        stored = json.loads((path / BUILD_RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return stored if isinstance(stored, dict) else None
+
+
+def _show(value: Any) -> str:
+    return "default" if value is None else json.dumps(value)
+
+
+def _kept_build(
+    dataset_name: str, path: Path, parameters: dict[str, Any], overwrite: bool
+) -> DatasetInfo | None:
+    """What is at ``path``: the build to keep, or None when a build may be written there.
+
+    None: nothing is there, or an imgx build that ``overwrite`` replaces. An imgx build is
+    a folder whose ``metadata.json`` holds imgx's dataset description (``_is_built``);
+    imgx writes it, complete, by renaming a finished temporary folder into place.
+
+    Raises:
+        DatasetError: ``path`` (or its parent) is something imgx did not write, which is
+            never replaced; or, without ``overwrite``, an imgx build with other (or
+            unrecorded) parameters.
+    """
+    for folder in (path.parent, path):
+        if os.path.lexists(folder) and not folder.is_dir():
+            raise DatasetError(
+                f"{folder}: is a file, not an imgx dataset folder; imgx never deletes what "
+                "it did not write: choose another --data-dir"
+                + (" or --name" if dataset_name not in BUILDERS else "")
+                + ", or remove it yourself."
+            )
+    if not os.path.lexists(path):
+        return None
+    if not _is_built(path):
+        raise DatasetError(
+            f"{path}: exists but is not an imgx build (no imgx dataset description in its "
+            "metadata.json; the data dir may be shared with other TFDS datasets), and imgx "
+            "never deletes what it did not write: choose another --data-dir"
+            + (" or --name" if dataset_name not in BUILDERS else "")
+            + ", or remove the folder yourself."
+        )
+    if overwrite:
+        return None
+    rebuild = "rebuild it with --overwrite (build(..., overwrite=True))"
+    stored = _stored_parameters(path)
+    if stored is None:
+        raise DatasetError(
+            f"{path}: dataset {dataset_name} is built, but without a record of its build "
+            f"parameters ({BUILD_RECORD}, written since imgx records them), so imgx cannot "
+            f"tell whether it matches this request; {rebuild}."
+        )
+    changes = [
+        f"{key} {_show(stored.get(key))} -> {_show(parameters.get(key))}"
+        for key in dict.fromkeys([*parameters, *stored])
+        if stored.get(key) != parameters.get(key)
+    ]
+    if changes:
+        raise DatasetError(
+            f"{path}: dataset {dataset_name} is built with other parameters "
+            f"({'; '.join(changes)}); {rebuild}, or build it under another "
+            + ("--name or " if dataset_name not in BUILDERS else "")
+            + "--data-dir."
+        )
+    return _info_from_disk(dataset_name, path)
+
+
+def existing_build(
+    name: str,
+    /,
+    *,
+    manual_dir: str | Path | None = None,
+    data_dir: str | Path | None = None,
+    **options: Any,
+) -> DatasetInfo | None:
+    """The build that :func:`build` with these arguments would keep, or None.
+
+    None when nothing is built under the name yet. Arguments as for :func:`build`.
+
+    Raises:
+        DatasetError: as :func:`build` does before building: a bad request, a folder
+            there that imgx did not write, or a build with other parameters (the message
+            names each one, old -> new).
+    """
+    dataset_name, _, parameters = _build_request(name, manual_dir, options)
+    path = _dataset_path(dataset_name, _resolve_data_dir(data_dir))
+    return _kept_build(dataset_name, path, parameters, overwrite=False)
+
+
+def build(
+    name: str,
+    /,
+    *,
+    manual_dir: str | Path | None = None,
+    data_dir: str | Path | None = None,
+    overwrite: bool = False,
+    **options: Any,
+) -> DatasetInfo:
+    """Builds a dataset into the data dir and describes it.
+
+    The dataset folder ``<data_dir>/<name>/<version>`` records the build parameters
+    (builder, manual dir, options with their defaults) in :data:`BUILD_RECORD`. When the
+    dataset is already built with the same parameters it is kept as it is; with other
+    ones this raises, naming them, unless ``overwrite``. A folder there that is not an
+    imgx build (the data dir may be TFDS's, shared with other datasets) is never
+    replaced or deleted, not even with ``overwrite``.
+
+    Args:
+        name: a published/built-in name, or ``"nifti_folder"`` with the keyword option
+            ``name=NAME`` (positional-only, so the two names do not clash).
+        manual_dir: folder (or zip file) with the raw files; see :class:`DatasetInfo`'s
+            ``manual_dir`` for what it must hold. Not needed for the phantoms.
+        data_dir: see :func:`data_dir`.
+        overwrite: rebuild an imgx build of this name, whatever its parameters; it is
+            replaced only once the new build is complete.
+        **options: builder options: ``target_spacing``/``target_shape`` for every builder,
+            ``split_sizes`` for the phantoms, ``window_start``/``raw_shape`` for BraTS;
+            for ``nifti_folder``: ``name`` (required), ``spacing``, ``shape``.
+
+    Returns:
+        The built (or kept) dataset's DatasetInfo.
+
+    Raises:
+        DatasetError: bad raw input (nothing is left in the data dir), a folder in the
+            way that imgx did not write, or a build with other parameters without
+            ``overwrite``.
+    """
+    root = _resolve_data_dir(data_dir)
+    dataset_name, builder_class, parameters = _build_request(name, manual_dir, options)
+    options = {k: v for k, v in options.items() if k != "name"}
     path = _dataset_path(dataset_name, root)
-    if _is_built(path) and not overwrite:
-        return _info_from_disk(dataset_name, path)
+    kept = _kept_build(dataset_name, path, parameters, overwrite)
+    if kept is not None:
+        return kept
     # Build into a temporary data dir next to the datasets and swap it in at the end, so
     # that a failed (re)build leaves the data dir as it was: no half-written dataset, and
     # an existing build survives a failed overwrite (TFDS itself deletes it first).
@@ -250,9 +400,9 @@ def build(
         staging = Path(tempfile.mkdtemp(prefix=f".imgx-build-{dataset_name}-", dir=root))
         try:
             if name == NIFTI_FOLDER:
-                builder = nifti_folder_builder(dataset_name)(root=raw, data_dir=staging, **options)
+                builder = builder_class(root=raw, data_dir=staging, **options)
             else:
-                builder = BUILDERS[name](data_dir=staging, **options)
+                builder = builder_class(data_dir=staging, **options)
             with tempfile.TemporaryDirectory(prefix="imgx-dl-") as dl:
                 builder.download_and_prepare(
                     download_dir=dl,
@@ -264,7 +414,9 @@ def build(
             built = _dataset_path(dataset_name, staging)
             if not _is_built(built):
                 raise DatasetError(f"{dataset_name}: the build wrote no dataset to {built}.")
-            if overwrite or not _is_built(path):  # else another process built it meanwhile
+            (built / BUILD_RECORD).write_text(json.dumps(parameters, indent=2) + "\n")
+            # Checked again: another process may have written there meanwhile.
+            if _kept_build(dataset_name, path, parameters, overwrite) is None:
                 _swap_in(built, path, staging)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -274,7 +426,8 @@ def build(
 
 
 def _swap_in(built: Path, path: Path, staging: Path) -> None:
-    """Moves the finished dataset folder ``built`` to ``path``, replacing what is there.
+    """Moves the finished dataset folder ``built`` to ``path``, replacing the imgx build
+    there (checked by the caller).
 
     The old folder is first renamed into ``staging`` (deleted with it) and renamed back
     if the new one cannot be moved in, so ``path`` holds the old or the new dataset
@@ -282,12 +435,12 @@ def _swap_in(built: Path, path: Path, staging: Path) -> None:
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     old = staging / "replaced"
-    if path.exists():
+    if os.path.lexists(path):
         path.rename(old)
     try:
         built.rename(path)
     except BaseException:
-        if old.exists():
+        if os.path.lexists(old):
             old.rename(path)
         raise
 
@@ -386,6 +539,7 @@ __all__ = [
     "data_source",
     "dataset_info",
     "ensure_built",
+    "existing_build",
     "list_datasets",
     "postprocess",
 ]

@@ -182,6 +182,15 @@ class ImgxBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         folder."""
 
     @classmethod
+    def default_options(cls) -> dict[str, Any]:
+        """The options :func:`imgx_data.build` passes to this builder, with their defaults.
+
+        Each build records these values (the given ones, else the defaults) to tell a
+        request for the same build from one with other parameters.
+        """
+        return {"target_spacing": cls.TARGET_SPACING, "target_shape": cls.TARGET_SHAPE}
+
+    @classmethod
     def default_spec(cls) -> DatasetSpec:
         """The spec of the dataset built with the default target grid."""
         return _make_spec(cls, cls.TARGET_SHAPE, cls.TARGET_SPACING)

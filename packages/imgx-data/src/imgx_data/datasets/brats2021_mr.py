@@ -102,6 +102,12 @@ class Brats2021Mr(ImgxBuilder, skip_registration=True):
                 f"does not fit in the raw grid {self.raw_shape}."
             )
 
+    @classmethod
+    def default_options(cls) -> dict[str, Any]:
+        """The target grid, ``window_start`` and ``raw_shape``."""
+        defaults = super().default_options()
+        return {**defaults, "window_start": BRAIN_BOX_START, "raw_shape": RAW_SHAPE}
+
     def convert_label(self, seg: np.ndarray) -> np.ndarray:
         """Raw BraTS labels to the stored labels (:func:`nested_regions`)."""
         return nested_regions(seg)

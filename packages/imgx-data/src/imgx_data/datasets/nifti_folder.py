@@ -318,6 +318,11 @@ class NiftiFolder(ImgxBuilder, skip_registration=True):
         self.NUM_CHANNELS = len(self.plan.layout.channel_names)
         super().__init__(target_spacing=self.plan.spacing, target_shape=self.plan.shape, **kwargs)
 
+    @classmethod
+    def default_options(cls) -> dict[str, Any]:
+        """``spacing`` and ``shape``; None: derived from the data (see module doc)."""
+        return {"spacing": None, "shape": None}
+
     def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Any]:
         del dl_manager
         by_uid = {case.uid: case for case in self.plan.layout.cases}

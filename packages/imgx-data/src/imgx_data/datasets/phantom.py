@@ -183,6 +183,11 @@ class _PhantomBuilder(ImgxBuilder, skip_registration=True):
             )
         super().__init__(**kwargs)
 
+    @classmethod
+    def default_options(cls) -> dict[str, Any]:
+        """The target grid and ``split_sizes`` (train, valid, test)."""
+        return {**super().default_options(), "split_sizes": cls.SPLIT_SIZES}
+
     @abc.abstractmethod
     def generate(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """One (image, label) pair on the target grid."""
