@@ -84,6 +84,7 @@ class Api:
         self.calls: list[tuple[str, tuple, dict]] = []
         self.train_error: BaseException | None = None
         self.predict_failures: list[tuple[str, str]] = []
+        self.existing: DatasetInfo | None = None  # what existing_build finds
 
     def names(self) -> list[str]:
         return [name for name, _, _ in self.calls]
@@ -127,6 +128,10 @@ class Api:
         self.calls.append(("build", (dataset,), kwargs))
         return dataset_info(kwargs.get("name", dataset), {"train": 8, "valid": 1, "test": 1})
 
+    def existing_build(self, dataset, /, **kwargs):
+        self.calls.append(("existing_build", (dataset,), kwargs))
+        return self.existing
+
     def list_datasets(self, data_dir=None):
         self.calls.append(("list_datasets", (), {"data_dir": data_dir}))
         return [dataset_info("phantom", {"train": 240, "valid": 24, "test": 48}),
@@ -139,7 +144,7 @@ def api(monkeypatch, tmp_path):
     for name in ("train", "resume", "evaluate", "predict", "describe_run"):
         monkeypatch.setattr(imgx_train, name, getattr(fake, name), raising=False)
     monkeypatch.setattr(imgx_train, "TrainingInterrupted", TrainingInterrupted, raising=False)
-    for name in ("build", "list_datasets"):
+    for name in ("build", "existing_build", "list_datasets"):
         monkeypatch.setattr(imgx_data, name, getattr(fake, name), raising=False)
     monkeypatch.chdir(tmp_path)
     return fake

@@ -314,3 +314,20 @@ def test_build_under_a_name_taken_by_a_foreign_folder_deletes_nothing(tmp_path):
             _build(tmp_path, tmp_path / "raw", overwrite=overwrite)
         assert (foreign / "notes.txt").read_text() == "not imgx's"
     assert [p.name for p in (tmp_path / "data").iterdir()] == ["mine"]  # no staging left
+
+
+def test_build_from_another_folder_or_grid_names_the_differences(tmp_path):
+    raw, moved = tmp_path / "raw", tmp_path / "moved"
+    write_nnunet(raw, 3, channels=1)
+    first = _build(tmp_path, raw)
+    assert _build(tmp_path, raw) == first  # already built alike: kept
+    raw.rename(moved)
+    with pytest.raises(
+        DatasetError,
+        match=rf"built with other parameters \(manual_dir \"{raw}\" -> \"{moved}\"; spacing "
+        r"default -> \[2.0, 2.0, 3.0\]\); rebuild it with --overwrite .*another --name or",
+    ):
+        _build(tmp_path, moved, spacing=(2.0, 2.0, 3.0))
+    assert imgx_data.dataset_info("mine", tmp_path / "data") == first
+    rebuilt = _build(tmp_path, moved, spacing=(2.0, 2.0, 3.0), overwrite=True)
+    assert rebuilt.spacing == (2.0, 2.0, 3.0) != first.spacing

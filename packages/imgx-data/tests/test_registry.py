@@ -104,3 +104,42 @@ def test_build_never_replaces_a_folder_imgx_did_not_write(tmp_path, overwrite):
     with pytest.raises(imgx_data.DatasetError, match=r"phantom_3d: is a file, not an imgx"):
         imgx_data.build("phantom_3d", data_dir=tmp_path, split_sizes=(1, 1, 1))
     assert (tmp_path / "phantom_3d").read_text().startswith("a file")
+
+
+def test_build_with_the_same_parameters_keeps_the_build(tmp_path):
+    first = imgx_data.build("phantom", data_dir=tmp_path, split_sizes=(2, 1, 1))
+    sentinel = first.path / "sentinel"  # gone if the folder were rebuilt
+    sentinel.touch()
+    # The same request, spelled otherwise (a list; a default given explicitly).
+    same = {"split_sizes": [2, 1, 1], "target_spacing": (1, 1)}
+    assert imgx_data.build("phantom", data_dir=tmp_path, **same) == first
+    assert imgx_data.existing_build("phantom", data_dir=tmp_path, **same) == first
+    assert imgx_data.existing_build("phantom_3d", data_dir=tmp_path) is None
+    assert sentinel.exists()
+
+
+def test_build_with_other_parameters_needs_overwrite(tmp_path):
+    first = imgx_data.build("phantom", data_dir=tmp_path, split_sizes=(2, 1, 1))
+    (first.path / "sentinel").touch()
+    other = {"split_sizes": (3, 1, 1), "target_shape": (32, 32)}
+    message = (
+        rf"^{first.path}: dataset phantom is built with other parameters \(target_shape "
+        r"\[96, 96\] -> \[32, 32\]; split_sizes \[2, 1, 1\] -> \[3, 1, 1\]\); rebuild it with "
+        r"--overwrite \(build\(\.\.\., overwrite=True\)\), or build it under another --data-dir"
+    )
+    with pytest.raises(imgx_data.DatasetError, match=message):
+        imgx_data.build("phantom", data_dir=tmp_path, **other)
+    with pytest.raises(imgx_data.DatasetError, match=message):
+        imgx_data.existing_build("phantom", data_dir=tmp_path, **other)
+    assert imgx_data.dataset_info("phantom", tmp_path) == first
+    assert (first.path / "sentinel").exists()
+    rebuilt = imgx_data.build("phantom", data_dir=tmp_path, overwrite=True, **other)
+    assert rebuilt.split_sizes["train"] == 3 and rebuilt.image_shape == (32, 32)
+    assert not (first.path / "sentinel").exists()
+    assert imgx_data.existing_build("phantom", data_dir=tmp_path, **other) == rebuilt
+    # A build without a record (an earlier imgx) cannot be compared: rebuild it.
+    (rebuilt.path / imgx_data.registry.BUILD_RECORD).unlink()
+    with pytest.raises(imgx_data.DatasetError, match=r"without a record .* --overwrite"):
+        imgx_data.build("phantom", data_dir=tmp_path, **other)
+    with pytest.raises(imgx_data.DatasetError, match=r"unknown build option\(s\) spacing"):
+        imgx_data.build("phantom", data_dir=tmp_path, spacing=(1, 1))

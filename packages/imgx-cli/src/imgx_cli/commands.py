@@ -430,8 +430,12 @@ def build(
     name: str | None = None,
     spacing: str | None = None,
     shape: str | None = None,
+    overwrite: bool = False,
 ) -> None:
     """Build a dataset from the files you downloaded (phantom data: from nothing).
+
+    Built with the same parameters already: kept as it is. Built with other ones: an
+    error naming them, unless --overwrite. A folder imgx did not write is never replaced.
 
     Examples:
       imgx build amos_ct --manual-dir ~/downloads          # holds amos22/
@@ -444,6 +448,7 @@ def build(
       name: nifti_folder only: the name to train with (imgx train --data NAME).
       spacing: target voxel spacing in mm per axis (x,y[,z]), e.g. 1,1,3; default: the dataset's.
       shape: target shape in voxels per axis, e.g. 128,128,32; default: the dataset's.
+      overwrite: rebuild an existing build of this name, whatever its parameters.
     """
     dataset = str(dataset)
     if dataset == "nifti_folder" and (name is None or manual_dir is None):
@@ -465,9 +470,16 @@ def build(
         options[prefix + "shape"] = _numbers(shape, int, "--shape")
     import imgx_data
 
-    built = imgx_data.build(
-        dataset, manual_dir=_path(manual_dir), data_dir=_path(data_dir), **options
-    )
+    where = {"manual_dir": _path(manual_dir), "data_dir": _path(data_dir)}
+    kept = None if overwrite else imgx_data.existing_build(dataset, **where, **options)
+    if kept is not None:
+        _echo(
+            f"already built {kept.name} ({_sizes(kept.split_sizes)} cases) in {kept.path} "
+            "with these parameters; kept as it is (--overwrite rebuilds it)",
+            f"train with: imgx train --data {kept.name}",
+        )
+        return
+    built = imgx_data.build(dataset, **where, overwrite=bool(overwrite), **options)
     _echo(
         f"built {built.name} ({_sizes(built.split_sizes)} cases) in {built.path}",
         f"train with: imgx train --data {built.name}",
