@@ -17,3 +17,26 @@ os.environ.setdefault(
 )
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.environ["IMGX_COMPILATION_CACHE_DIR"])
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
+
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def not_utf8():
+    """Makes an empty file named in bytes that are not UTF-8 (``os.listdir`` gives the name
+    surrogate-escaped, e.g. ``"case\\udcff.nii.gz"``) and returns its path."""
+
+    def make(folder: Path, name: bytes) -> Path:
+        if sys.getfilesystemencoding() != "utf-8":
+            pytest.skip("needs a UTF-8 file system encoding with surrogate escapes (Linux)")
+        try:
+            with open(os.fsencode(folder) + b"/" + name, "wb"):
+                pass
+        except OSError:
+            pytest.skip("the file system refuses names that are not UTF-8")
+        return folder / os.fsdecode(name)
+
+    return make

@@ -368,6 +368,17 @@ def _json_without(key):
     return change
 
 
+def _amos_id_twice(path):
+    """A second CT with the id of training case amos_0004, listed under validation."""
+    meta, amos = json.loads(path.read_text()), path.parent
+    for kind in ("images", "labels"):
+        shutil.copy(amos / f"{kind}Tr" / "amos_0004.nii.gz", amos / f"{kind}Va")
+    meta["validation"].append(
+        {"image": "./imagesVa/amos_0004.nii.gz", "label": "./labelsVa/amos_0004.nii.gz"}
+    )
+    path.write_text(json.dumps(meta))
+
+
 def _wider_png(path):
     mask = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
     sitk.WriteImage(sitk.GetImageFromArray(np.pad(mask, ((0, 0), (0, 1)))), str(path))
@@ -473,6 +484,14 @@ BAD_INPUTS = [
     ),
     pytest.param(
         "amos_ct", "amos22/dataset.json", _corrupt, r"dataset.json: not valid JSON", id="bad json"
+    ),
+    pytest.param(
+        "amos_ct",
+        "amos22/dataset.json",
+        _amos_id_twice,
+        r"amos22/dataset.json: case id 'amos_0004' is given twice, by \S*amos22/imagesTr/"
+        r"amos_0004.nii.gz and \S*amos22/imagesVa/amos_0004.nii.gz; each case needs its own",
+        id="AMOS id twice",
     ),
     pytest.param(
         "brats2021_mr",

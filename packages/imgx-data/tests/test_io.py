@@ -1,6 +1,8 @@
 """Tests of image I/O and the (x, y[, z]) axis convention."""
 
 import gzip
+import os
+import re
 import struct
 
 import numpy as np
@@ -8,7 +10,12 @@ import pytest
 import SimpleITK as sitk
 
 from imgx_data import DatasetError, Geometry, read_channels, read_image, write_image
-from imgx_data.io import check_same_geometry, nifti_nonfinite_count, read_sitk_image
+from imgx_data.io import (
+    check_same_geometry,
+    nifti_nonfinite_count,
+    read_header,
+    read_sitk_image,
+)
 
 GEOMETRY_3D = Geometry(
     shape=(5, 4, 3),
@@ -188,3 +195,25 @@ def test_nonfinite_in_a_4d_nifti(tmp_path):
     image = sitk.JoinSeries([sitk.GetImageFromArray(v) for v in volumes])
     sitk.WriteImage(image, str(tmp_path / "msd.nii.gz"))
     assert nifti_nonfinite_count(tmp_path / "msd.nii.gz") == 24
+
+
+def test_a_file_name_that_is_not_utf8_is_refused_before_simpleitk(tmp_path, not_utf8):
+    # SimpleITK aborts the whole process (std::logic_error) when given such a name.
+    good = tmp_path / "good.nii.gz"
+    write_image(good, np.zeros(GEOMETRY_3D.shape, np.float32), GEOMETRY_3D)
+    bad = not_utf8(tmp_path, b"case\xff.nii.gz")
+    bad.write_bytes(good.read_bytes())
+    assert bad.name == "case\udcff.nii.gz" and bad in tmp_path.iterdir()
+    message = re.escape(
+        f"{bad}: the file name is not valid UTF-8 ('case\\udcff.nii.gz', bytes "
+        "b'case\\xff.nii.gz'), which SimpleITK cannot open: rename it to a UTF-8 name."
+    )
+    for read in (read_image, read_sitk_image, read_header):
+        with pytest.raises(DatasetError, match=f"^{message}$"):
+            read(bad)
+    with pytest.raises(DatasetError, match=r"case\\udcff.nii.gz'.*rename it"):
+        write_image(bad, np.zeros(GEOMETRY_3D.shape, np.float32), GEOMETRY_3D)
+    folder = tmp_path / os.fsdecode(b"out\xff") / "label.nii.gz"
+    with pytest.raises(DatasetError, match=r"the folder name 'out\\udcff' in the path"):
+        write_image(folder, np.zeros(GEOMETRY_3D.shape, np.uint8), GEOMETRY_3D)
+    assert not folder.parent.exists()

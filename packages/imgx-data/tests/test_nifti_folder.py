@@ -90,12 +90,12 @@ def test_user_grid_and_splits_json(tmp_path):
     np.testing.assert_allclose(geometry.spacing, (1.0, 1.0, 3.0))
 
 
-def test_decathlon_layout_with_4d_images(tmp_path):
-    raw = tmp_path / "Task01_Tiny"
+def write_decathlon(raw: Path, num_cases: int = 3) -> list[dict[str, str]]:
+    """Medical Segmentation Decathlon: 2-channel 4D images; returns the training list."""
     (raw / "imagesTr").mkdir(parents=True)
     (raw / "labelsTr").mkdir()
     training = []
-    for i in range(3):
+    for i in range(num_cases):
         image, label = _case((6, 6, 3), i)
         four_d = sitk.JoinSeries(
             [sitk.GetImageFromArray(image.T), sitk.GetImageFromArray(image.T + 1)]
@@ -113,6 +113,12 @@ def test_decathlon_layout_with_4d_images(tmp_path):
         "training": training,
     }
     (raw / "dataset.json").write_text(json.dumps(meta))
+    return training
+
+
+def test_decathlon_layout_with_4d_images(tmp_path):
+    raw = tmp_path / "Task01_Tiny"
+    write_decathlon(raw)
     info = _build(tmp_path, raw, name="tiny")
     assert info.num_channels == 2 and info.class_names[2] == "tumour"
     example = imgx_data.data_source("tiny", "train", tmp_path / "data")[0]
@@ -331,3 +337,37 @@ def test_build_from_another_folder_or_grid_names_the_differences(tmp_path):
     assert imgx_data.dataset_info("mine", tmp_path / "data") == first
     rebuilt = _build(tmp_path, moved, spacing=(2.0, 2.0, 3.0), overwrite=True)
     assert rebuilt.spacing == (2.0, 2.0, 3.0) != first.spacing
+
+
+def test_decathlon_case_id_given_twice_names_both_files(tmp_path):
+    raw = tmp_path / "Task01_Tiny"
+    training = write_decathlon(raw)
+    # tiny_1.nii next to tiny_1.nii.gz: both have the case id tiny_1.
+    image, geometry = imgx_data.read_image(raw / "imagesTr" / "tiny_1.nii.gz")
+    write_image(raw / "imagesTr" / "tiny_1.nii", image, geometry)
+    training.append({"image": "./imagesTr/tiny_1.nii", "label": "./labelsTr/tiny_1.nii.gz"})
+    meta = json.loads((raw / "dataset.json").read_text())
+    (raw / "dataset.json").write_text(json.dumps({**meta, "training": training}))
+    with pytest.raises(
+        DatasetError,
+        match=rf"^{raw / 'dataset.json'}: case id 'tiny_1' is given twice, by "
+        rf"{raw}/imagesTr/tiny_1.nii.gz and {raw}/imagesTr/tiny_1.nii; each case",
+    ):
+        _build(tmp_path, raw, name="tiny")
+    assert not (tmp_path / "data" / "tiny").exists()
+
+
+def test_file_name_that_is_not_utf8_is_a_build_error(tmp_path, not_utf8):
+    raw = tmp_path / "raw"
+    write_nnunet(raw, 3, channels=1)
+    for folder, name in (("imagesTr", "case001_0000"), ("labelsTr", "case001")):
+        bad = not_utf8(raw / folder, name.replace("case", "c\xe9").encode("latin-1") + b".nii.gz")
+        bad.write_bytes((raw / folder / f"{name}.nii.gz").read_bytes())
+        (raw / folder / f"{name}.nii.gz").unlink()
+    with pytest.raises(
+        DatasetError,
+        match=r"labelsTr/.*: the file name is not valid UTF-8 \('c\\udce9001.nii.gz', bytes "
+        r"b'c\\xe9001.nii.gz'\), which SimpleITK cannot open: rename it",
+    ):
+        _build(tmp_path, raw)
+    assert not (tmp_path / "data" / "mine").exists()

@@ -128,3 +128,18 @@ def test_prepare_scan_2d_image_for_a_3d_model(tmp_path):
         [tmp_path / "flat.nii.gz"], spacing=(1.0, 1.0), num_channels=1, intensity="identity"
     )
     assert scan.image.shape == (12, 10, 1)
+
+
+def test_find_scans_reports_a_file_name_that_is_not_utf8(tmp_path, not_utf8):
+    # SimpleITK would abort the process on it; it is one case's problem, the others go on.
+    _touch(tmp_path, "a_0000.nii.gz")
+    bad = not_utf8(tmp_path, b"case\xff_0000.nii.gz")
+    folder = imgx_data.find_scans(tmp_path, num_channels=1)
+    alone = imgx_data.find_scans(tmp_path, 1, case=imgx_data.scans.case_of(bad))  # bad given alone
+    assert list(folder.cases) == ["a"] and alone.cases == {}
+    for found in (folder, alone):
+        [(path, message)] = found.problems
+        assert path == bad
+        assert message.startswith(f"{bad}: the file name is not valid UTF-8")
+        assert "('case\\udcff_0000.nii.gz', bytes b'case\\xff_0000.nii.gz')" in message
+        assert message.endswith("rename it to a UTF-8 name.")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import os
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -142,11 +143,43 @@ def array_to_sitk(array: np.ndarray, geometry: Geometry) -> sitk.Image:
     return geometry.apply_to(image)
 
 
+def _utf8_problem(path: Path) -> str | None:
+    """Why SimpleITK cannot be given ``path``, or None.
+
+    A file name that is not valid UTF-8 (on Linux, bytes such as ``b"case\\xff.nii.gz"``
+    that ``os.listdir`` returns surrogate-escaped, ``"case\\udcff.nii.gz"``) makes
+    SimpleITK abort the whole process instead of raising.
+    """
+    for part in reversed(path.parts):
+        try:
+            part.encode("utf-8")
+        except UnicodeEncodeError:
+            what = "file name" if part == path.name else f"folder name {part!r} in the path"
+            return (
+                f"{path}: the {what} is not valid UTF-8 ({part!r}, bytes "
+                f"{os.fsencode(part)!r}), which SimpleITK cannot open: rename it to a "
+                "UTF-8 name."
+            )
+    return None
+
+
+def sitk_path(path: str | Path) -> str:
+    """``path`` as the str to give SimpleITK, checked to be valid UTF-8 first.
+
+    Raises:
+        DatasetError: naming the file (its name's repr) and the fix, rename it.
+    """
+    problem = _utf8_problem(Path(path))
+    if problem is not None:
+        raise DatasetError(problem)
+    return str(path)
+
+
 def _read_sitk(path: Path) -> sitk.Image:
     if not path.is_file():
         raise DatasetError(f"{path}: file not found.")
     try:
-        return sitk.ReadImage(str(path))
+        return sitk.ReadImage(sitk_path(path))
     except RuntimeError as exc:
         first_line = str(exc).strip().splitlines()[-1] if str(exc).strip() else ""
         raise DatasetError(f"{path}: cannot be read as an image ({first_line}).") from exc
@@ -262,9 +295,11 @@ def read_sitk_image(path: str | Path) -> sitk.Image:
     reader would silently turn into 0.
 
     Raises:
-        DatasetError: the file is missing, unreadable, or a NIfTI file holds NaN/infinity.
+        DatasetError: the file is missing, unreadable, named in bytes that are not valid
+            UTF-8 (:func:`sitk_path`), or a NIfTI file holds NaN/infinity.
     """
     path = Path(path)
+    sitk_path(path)
     check_nifti_finite(path)
     image = _read_sitk(path)
     if image.GetDimension() == 4:
@@ -279,13 +314,13 @@ def read_header(path: str | Path) -> Geometry:
     """Grid of an image file from its header only (spatial part of a 4D file).
 
     Raises:
-        DatasetError: the file is missing or unreadable.
+        DatasetError: the file is missing, unreadable or not named in UTF-8.
     """
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"{path}: file not found.")
     reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
+    reader.SetFileName(sitk_path(path))
     try:
         reader.ReadImageInformation()
     except RuntimeError as exc:
@@ -381,5 +416,6 @@ def write_image(path: str | Path, array: np.ndarray, geometry: Geometry) -> None
         array = array.astype(np.uint8)
     elif array.dtype == np.bool_:
         array = array.astype(np.uint8)
+    name = sitk_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    sitk.WriteImage(array_to_sitk(array, geometry), str(path), useCompression=True)
+    sitk.WriteImage(array_to_sitk(array, geometry), name, useCompression=True)

@@ -23,6 +23,7 @@ from imgx_data.io import (
     compose_channels,
     image_channels,
     read_sitk_image,
+    sitk_path,
 )
 from imgx_data.preprocess import prepare_image, resample_to_geometry, scale_intensity
 
@@ -80,9 +81,9 @@ def find_scans(folder: str | Path, num_channels: int, *, case: str | None = None
     those channels; with one channel, a plain ``<case>.nii.gz`` (or ``.nii``, ``.png``,
     ``.mha``, ``.nrrd``) is a case too. Files with other endings are ignored. A case whose
     channels are not exactly ``0 .. num_channels - 1`` (one missing, one too many, two
-    files for one channel) and an image file without a channel suffix when the model
-    takes several channels are reported in ``problems``, so the other cases can still be
-    predicted.
+    files for one channel), an image file without a channel suffix when the model takes
+    several channels and a file whose name is not valid UTF-8 (which SimpleITK cannot
+    open) are reported in ``problems``, so the other cases can still be predicted.
 
     Args:
         folder: the folder of scans.
@@ -106,6 +107,11 @@ def find_scans(folder: str | Path, num_channels: int, *, case: str | None = None
         if case is not None and (match["case"] if match else parts[0]) != case:
             continue
         found = True
+        try:
+            sitk_path(path)
+        except DatasetError as error:  # SimpleITK would abort the process on this name
+            problems.append((path, str(error)))
+            continue
         if match:
             channels.setdefault(match["case"], {}).setdefault(int(match["channel"]), []).append(
                 path

@@ -17,6 +17,7 @@ import tensorflow_datasets as tfds
 
 from imgx_data.datasets.base import (
     ImgxBuilder,
+    check_unique_case_ids,
     preprocess_case,
     read_case,
     read_json,
@@ -57,6 +58,9 @@ def amos_ct_splits(metadata: dict[str, Any], root: Path, json_path: Path) -> dic
                 uid = Path(entry["image"]).name.split(".")[0]
                 cases.append((uid, root / entry["image"], root / entry["label"]))
         lists[key] = cases
+    check_unique_case_ids(
+        ((uid, image) for cases in lists.values() for uid, image, _ in cases), json_path
+    )
     num_valid = int(len(lists["validation"]) * VALID_FRACTION)
     return {
         "train": lists["training"],

@@ -5,7 +5,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -334,6 +334,26 @@ def preprocess_case(
         intensity=builder.INTENSITY,
         window_start=window_start,
     )
+
+
+def check_unique_case_ids(cases: Iterable[tuple[str, Path]], listing: Path) -> None:
+    """Raises DatasetError naming both files when two cases of ``listing`` share an id.
+
+    Two cases with one id would be one example twice (or one lost), and could land in
+    two splits, leaking test data into training.
+
+    Args:
+        cases: ``(case id, image file)`` per case.
+        listing: what lists the cases (``dataset.json``), named in the message.
+    """
+    seen: dict[str, Path] = {}
+    for uid, path in cases:
+        if uid in seen:
+            raise DatasetError(
+                f"{listing}: case id {uid!r} is given twice, by {seen[uid]} and {path}; "
+                "each case needs its own id: remove or rename one of them."
+            )
+        seen[uid] = path
 
 
 def find_nifti(directory: Path, stem: str) -> Path:

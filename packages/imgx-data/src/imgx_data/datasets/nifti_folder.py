@@ -36,6 +36,7 @@ from imgx_data.datasets.base import (
     ImgxBuilder,
     check_finite,
     check_label_values,
+    check_unique_case_ids,
     preprocess_case,
     read_json,
     require_dir,
@@ -162,6 +163,7 @@ def _msd_layout(data: dict[str, Any], root: Path, json_path: Path) -> NiftiFolde
         if not label.is_file():
             raise DatasetError(f"{image}: image has no label; expected {label}.")
         cases.append(NiftiCase(image.name.split(".")[0], (image,), label))
+    check_unique_case_ids(((case.uid, case.image_paths[0]) for case in cases), json_path)
     return NiftiFolderLayout(
         root, _class_names(value_to_name, json_path), channel_names, tuple(cases)
     )
