@@ -41,12 +41,13 @@ SINGLE = textwrap.dedent(
 # process 1 every writer of test outputs and plots fails: only process 0 may write them.
 MULTI = textwrap.dedent(
     """
-    import os, sys, time
+    import os, signal, sys, time
     import jax
     import imgx_data
     from imgx_train import devices, evaluation, presets, reports, trainer
     data_dir, root, overrides = sys.argv[1:]
     os.chdir(root)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # not ignored as in a background job
     cfg = presets.make_config("phantom", task="seg", preset="debug", overrides=overrides)
     devices.setup(cfg)
     if jax.process_index() == 1:
