@@ -21,7 +21,7 @@ import numpy as np
 import imgx_data
 from imgx_train import checkpoint as ckpt_lib
 from imgx_train import config as config_lib
-from imgx_train import devices, metrics, optim, reports, runs, tasks
+from imgx_train import devices, distributed, metrics, optim, reports, runs, tasks
 
 ProbabilityFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
 
@@ -285,9 +285,12 @@ def evaluate(
     name = f"{sampler}-{num_steps}" if task.is_diffusion else ""
     out_dir = restored.run_dir / split / name if name else restored.run_dir / split
     tmp_dir = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    (tmp_dir / "predictions").mkdir(parents=True)
-    (tmp_dir / "overlays").mkdir()
+    # Every process evaluates (on its own copy of the parameters); process 0 writes.
+    main = devices.is_main_process()
+    if main:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        (tmp_dir / "predictions").mkdir(parents=True)
+        (tmp_dir / "overlays").mkdir()
 
     rows = []
     for i, (example, probs) in enumerate(
@@ -296,9 +299,9 @@ def evaluate(
         uid = str(example["uid"])
         label, final, per_step = case_metrics(task, example, probs, cfg.eval.tolerance_mm)
         rows.append(reports.case_row(uid, final, per_step))
-        if save_predictions:
+        if save_predictions and main:
             _write_prediction(tmp_dir / "predictions", uid, label, example)
-        if i < cfg.eval.num_overlays:
+        if main and i < cfg.eval.num_overlays:
             reports.save_overlay(
                 tmp_dir / "overlays" / f"{_safe(uid)}.png",
                 np.asarray(example["image"]),
@@ -318,11 +321,13 @@ def evaluate(
             "seed": seed,
         }
     )
-    reports.write_per_case_csv(tmp_dir / "per_case.csv", rows, task.class_names)
-    reports.write_summary_json(tmp_dir / "summary.json", summary)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp_dir.rename(out_dir)
+    if main:
+        reports.write_per_case_csv(tmp_dir / "per_case.csv", rows, task.class_names)
+        reports.write_summary_json(tmp_dir / "summary.json", summary)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp_dir.rename(out_dir)
+    distributed.barrier("imgx-evaluate-written")  # no process returns before the files exist
     summary["output_dir"] = str(out_dir)
     return summary
 

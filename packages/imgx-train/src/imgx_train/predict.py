@@ -30,7 +30,7 @@ import numpy as np
 
 import imgx_data
 from imgx_data import scans as scans_lib
-from imgx_train import evaluation
+from imgx_train import devices, distributed, evaluation
 from imgx_train.config import ConfigError
 
 
@@ -166,7 +166,10 @@ def predict(
     cases, problems = _cases(Path(inputs), info.num_channels)
     predict_fn = task.predict_fn(sampler, num_steps, cfg.eval.eta)
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    # With several processes, each predicts every case and process 0 writes.
+    main = devices.is_main_process()
+    if main:
+        output_dir.mkdir(parents=True, exist_ok=True)
     base_key = jax.random.key(seed)
 
     written: list[str] = []
@@ -203,18 +206,27 @@ def predict(
                     [_resample(ensemble.mean[..., c], scan) for c in range(task.num_channels)],
                     axis=-1,
                 )
-            done: list[Path] = []
-            try:
-                for name, array in outputs.items():
-                    done.append(_write(output_dir / name, array, scan.original))
-            except BaseException:
-                for path in done:  # all of a case's files or none
-                    path.unlink(missing_ok=True)
-                raise
-            written += [str(path) for path in done]
+            if main:
+                written += _write_case(output_dir, outputs, scan.original)
         except (imgx_data.DatasetError, ValueError, OSError, RuntimeError) as e:
             failures.append((str(paths[0]), str(e)))
+    distributed.barrier("imgx-predict-written")  # no process returns before the files exist
     return {"written": written, "failures": sorted(failures)}
+
+
+def _write_case(
+    output_dir: Path, outputs: dict[str, np.ndarray], geometry: imgx_data.Geometry
+) -> list[str]:
+    """Writes all of a case's files or none."""
+    done: list[Path] = []
+    try:
+        for name, array in outputs.items():
+            done.append(_write(output_dir / name, array, geometry))
+    except BaseException:
+        for path in done:
+            path.unlink(missing_ok=True)
+        raise
+    return [str(path) for path in done]
 
 
 def _resample(array: np.ndarray, scan: imgx_data.PreparedScan) -> np.ndarray:

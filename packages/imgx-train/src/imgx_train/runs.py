@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from imgx_train import config as config_lib
+from imgx_train import distributed
 
 
 class RunError(FileNotFoundError):
@@ -71,7 +72,8 @@ def prepare(run_dir: Path) -> None:
     try:
         for sub in ("metrics", "plots"):
             (run_dir / sub).mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".write_test-{os.getpid()}"
+        # host and pid: processes of one run on several hosts share the folder
+        probe = run_dir / f".write_test-{distributed.process_tag()}"
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:

@@ -36,7 +36,7 @@ from jax.sharding import PartitionSpec as P
 import imgx_data
 from imgx_train import checkpoint as ckpt_lib
 from imgx_train import config as config_lib
-from imgx_train import devices, evaluation, optim, reports, runs, tasks
+from imgx_train import devices, distributed, evaluation, optim, reports, runs, tasks
 from imgx_train.tasks import init_state
 
 logger = logging.getLogger(__name__)
@@ -147,10 +147,14 @@ def _fault_point(point: str, step: int) -> None:
     `save:<n>` kills it in the middle of saving step n's checkpoint, after its files are
     written and before it is committed (`checkpoint.kill_during_save`, installed by
     `_install_fault_hooks`). Used by the fault-tolerance tests to stop at a fixed point
-    instead of a random time.
+    instead of a random time. `interrupt:<n>` sends this process a Ctrl-C (SIGINT) there
+    instead (the multi-host test interrupts one host only).
     """
-    if os.environ.get(_FAULT_ENV) == f"{point}:{step}":
+    fault = os.environ.get(_FAULT_ENV)
+    if fault == f"{point}:{step}":
         os.kill(os.getpid(), signal.SIGKILL)
+    elif point == "step" and fault == f"interrupt:{step}":
+        os.kill(os.getpid(), signal.SIGINT)
 
 
 def _install_fault_hooks() -> None:
@@ -257,9 +261,17 @@ class _Progress:
 
 
 def train(cfg: config_lib.Config, *, run_dir: str | Path | None = None) -> Path:
-    """Trains a new run and returns its directory (see the run layout in the README)."""
-    run_dir = Path(run_dir) if run_dir is not None else runs.new_run_dir(cfg)
-    if (run_dir / "config.json").exists():
+    """Trains a new run and returns its directory (see the run layout in the README).
+
+    With several processes, process 0 names the new run folder and decides whether it
+    already holds a run, so that all of them train into one folder.
+    """
+    devices.setup(cfg)
+    if run_dir is None:
+        new = str(runs.new_run_dir(cfg)) if devices.is_main_process() else None
+        run_dir = distributed.broadcast_from_main(new)
+    run_dir = Path(run_dir)
+    if distributed.broadcast_from_main((run_dir / "config.json").exists()):
         raise FileExistsError(
             f"{run_dir} already holds a run; continue it with: imgx train --resume {run_dir}"
         )
@@ -335,6 +347,11 @@ def _train(
     best: dict[str, Any] = {"step": None, "valid_dice": None}
     if resuming and mngr.all_steps():
         start, state, saved = ckpt_lib.restore(mngr, None, state)
+        # Every process continues from process 0's step, even where a host could read a
+        # step that process 0 could not (or the other way round).
+        agreed = distributed.broadcast_from_main(start)
+        if start != agreed:
+            start, state, saved = ckpt_lib.restore(mngr, agreed, state)
         iterator.set_state(saved["iterator"])
         stopper.load_json(saved["early_stopping"])
         best = saved.get("best", best)
@@ -367,7 +384,9 @@ def _train(
     try:
         with interrupt:
             while step < cfg.train.steps:
-                if interrupt.requested:
+                # Ctrl-C or SIGTERM on any host stops all of them before the same step,
+                # so that they all join the same checkpoint save.
+                if distributed.any_process(interrupt.requested):
                     raise KeyboardInterrupt
                 batch = next(iterator)
                 new_state, metrics = step_fn(
@@ -465,7 +484,7 @@ def _log_record(step: int, metrics: dict[str, jax.Array], schedule) -> dict[str,
 def _init_wandb(cfg: config_lib.Config, run_dir: Path, resuming: bool):
     """wandb in the configured mode; offline when online is asked for without a key."""
     mode = cfg.logging.wandb
-    if mode == "disabled" or jax.process_index() != 0:
+    if mode == "disabled" or not devices.is_main_process():
         return None
     import wandb
 
