@@ -384,7 +384,7 @@ def predict(
     Args:
       run: the run directory (made by `imgx train`).
       input: a NIfTI file or a folder of them (channels as _0000, _0001 ...; 2D: also PNG).
-      output: the folder for the predictions.
+      output: the folder for the predictions; never the inputs' folder (refused).
       sampler: diffusion sampler, ddpm or ddim; default: the run's (ddpm).
       num_steps: diffusion sampling steps; default: the run's (5).
       checkpoint: best, last or a step number.
