@@ -57,8 +57,9 @@ def default_train_wall_time() -> dict:
             if out.returncode != 0:
                 raise RuntimeError(f"imgx train failed:\n{out.stderr[-3000:]}")
             if name == "first_run_s":
+                results_dir = "step_*-ddpm_5steps-1sample-seed0"  # the best checkpoint's
                 summary = json.loads(
-                    next(Path(tmp, "runs").glob("*/test/ddpm-5/summary.json")).read_text()
+                    next(Path(tmp, "runs").glob(f"*/test/{results_dir}/summary.json")).read_text()
                 )
                 results["test_foreground_dice"] = summary["foreground_mean"]["dice"]
                 results["test_foreground_hd95_mm"] = summary["foreground_mean"]["hd95"]

@@ -72,6 +72,14 @@ def _check_metrics(foreground_mean, max_distance_mm, what):
     assert 0.0 <= foreground_mean["hd95"] <= max_distance_mm + 1e-6, (what, foreground_mean)
 
 
+def _results(run, split, settings=""):
+    """The one results folder `step_<N><settings>` of a split (N: the best checkpoint)."""
+    found = [p for p in (run / split).glob(f"step_*{settings}") if p.name.endswith(settings)]
+    found = [p for p in found if "-" not in p.name] if not settings else found
+    assert len(found) == 1, (run / split, [p.name for p in (run / split).iterdir()])
+    return found[0]
+
+
 def _check_test_outputs(out, data, split="test", *, sources=None):
     """summary.json, per_case.csv, predictions on each case's original grid, overlays.
 
@@ -124,13 +132,15 @@ def test_diffusion_2d(workdir, strategy, capsys):
     assert "foreground mean" in printed and "curves.png" in printed
     assert f"strategy={strategy}" in printed  # the resolved config, printed at the start
     assert json.loads((run / "config.json").read_text())["diffusion"]["strategy"] == strategy
-    _check_test_outputs(run / "test" / "ddpm-5", "phantom")
+    _check_test_outputs(_results(run, "test", "-ddpm_5steps-1sample-seed0"), "phantom")
     imgx("test", "--run", run, "--sampler", "ddim", "--num-steps", 3, "--seed", 1)
-    summary = _check_test_outputs(run / "test" / "ddim-3", "phantom")
+    summary = _check_test_outputs(_results(run, "test", "-ddim_3steps-1sample-seed1"), "phantom")
+    imgx("test", "--run", run, "--sampler", "ddim", "--num-steps", 3, "--seed", 1, expect=2)
     assert set(summary["per_step"]) == {"step_0", "step_1", "step_2"}
     assert (summary["sampler"], summary["num_steps"], summary["seed"]) == ("ddim", 3, 1)
     imgx("valid", "--run", run, "--checkpoint", "last")
-    summary = _check_test_outputs(run / "valid" / "ddpm-5", "phantom", split="valid")
+    out = run / "valid" / "step_4-ddpm_5steps-1sample-seed0"
+    summary = _check_test_outputs(out, "phantom", split="valid")
     assert summary["checkpoint"] == 4  # the last of the debug preset's 4 steps
     imgx("test", "--run", run, "--num-steps", 4, expect=2)  # T = 5 allows K in {2, 3, 5}
 
@@ -139,7 +149,7 @@ def test_test_ensemble_and_predict_uncertainty(workdir):
     """`test --num-samples 2`; `predict -i <one file> --num-samples 2 --save-probabilities`."""
     run = workdir / "runs" / "diffusion-recycle_last"
     imgx("test", "--run", run, "--num-samples", 2, "--num-steps", 2)
-    summary = _check_test_outputs(run / "test" / "ddpm-2", "phantom")
+    summary = _check_test_outputs(_results(run, "test", "-ddpm_2steps-2samples-seed0"), "phantom")
     assert summary["num_samples"] == 2
 
     # A scan on its own grid (not the dataset's spacing, rotated axes) beside another one:
@@ -224,7 +234,7 @@ def _untimed(records):
 def test_seg_2d_predict_resume_info(workdir, capsys):
     run = workdir / "runs" / "seg"
     imgx("train", "--task", "seg", "--preset", "debug", "--run-dir", run, "--set", FAST)
-    _check_test_outputs(run / "test", "phantom")
+    _check_test_outputs(_results(run, "test"), "phantom")
     # New scans: a NIfTI in its own geometry and a PNG.
     scans = workdir / "scans"
     scans.mkdir()
@@ -292,12 +302,13 @@ def test_seg_and_diffusion_3d(workdir):
             "train", "--data", "phantom_3d", "--task", task, "--preset", "debug",
             "--run-dir", run, "--set", FAST,
         )  # fmt: skip
-        out = run / "test" / ("ddpm-5" if task == "diffusion" else "")
-        _check_test_outputs(out, "phantom_3d")
+        settings = "-ddpm_5steps-1sample-seed0" if task == "diffusion" else ""
+        _check_test_outputs(_results(run, "test", settings), "phantom_3d")
 
     # valid on the seg run (cheaper; the diffusion evaluation path ran as `test` above).
     imgx("valid", "--run", workdir / "runs" / "3d-seg", "--checkpoint", "last")
-    summary = _check_test_outputs(workdir / "runs" / "3d-seg" / "valid", "phantom_3d", "valid")
+    out = workdir / "runs" / "3d-seg" / "valid" / "step_4"
+    summary = _check_test_outputs(out, "phantom_3d", "valid")
     assert summary["checkpoint"] == 4
 
     # A 3D scan on its own grid: spacing, origin and axes differ from the dataset's.
@@ -367,6 +378,6 @@ def test_own_nifti_folder(workdir):
         path.name.removesuffix(".nii.gz"): imgx_data.read_image(path)[1]
         for path in (raw / "labelsTr").glob("*.nii.gz")
     }
-    summary = _check_test_outputs(run / "test", "lesion", sources=sources)
+    summary = _check_test_outputs(_results(run, "test"), "lesion", sources=sources)
     assert list(summary["per_class"]) == ["background", "lesion"]
     imgx("train", "--data", "unknown_data", "--preset", "debug", expect=2)

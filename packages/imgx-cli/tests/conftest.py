@@ -56,6 +56,9 @@ SUMMARY = {  # the form of imgx_train.reports.summarize, background first
 }
 
 
+RESULTS = "step_4-ddpm_5steps-1sample-seed0"  # the folder evaluate names by its settings
+
+
 def dataset_info(name: str, split_sizes: dict[str, int]) -> DatasetInfo:
     """The phantom's real (unbuilt) description, renamed and sized."""
     phantom = imgx_data.dataset_info("phantom", data_dir=Path("no-data-dir"))
@@ -83,6 +86,8 @@ class Api:
         self.tmp_path = tmp_path
         self.calls: list[tuple[str, tuple, dict]] = []
         self.train_error: BaseException | None = None
+        self.evaluate_error: BaseException | None = None
+        self.results = RESULTS
         self.predict_failures: list[tuple[str, str]] = []
         self.existing: DatasetInfo | None = None  # what existing_build finds
 
@@ -108,7 +113,10 @@ class Api:
 
     def evaluate(self, run_dir, **kwargs):
         self.calls.append(("evaluate", (run_dir,), kwargs))
-        return {**SUMMARY, "output_dir": str(run_dir / kwargs["split"] / "ddpm-5")}
+        if self.evaluate_error is not None:
+            raise self.evaluate_error
+        folder = run_dir / kwargs["split"] / RESULTS
+        return {**SUMMARY, "output_dir": str(folder)}
 
     def predict(self, run_dir, inputs, output_dir, **kwargs):
         self.calls.append(("predict", (run_dir, inputs, output_dir), kwargs))

@@ -10,8 +10,10 @@ from imgx_cli.commands import COMMANDS
 OPTIONS = {
     "train": ["--data", "--task", "--strategy", "--steps", "--batch-size", "--seed",
               "--run-dir", "--resume", "--wandb", "--preset", "--set", "--test", "--device"],
-    "valid": ["--run", "--sampler", "--num-steps", "--checkpoint", "--num-samples", "--seed"],
-    "test": ["--run", "--sampler", "--num-steps", "--checkpoint", "--num-samples", "--seed"],
+    "valid": ["--run", "--sampler", "--num-steps", "--checkpoint", "--num-samples", "--seed",
+              "--overwrite"],
+    "test": ["--run", "--sampler", "--num-steps", "--checkpoint", "--num-samples", "--seed",
+             "--overwrite"],
     "predict": ["--run", "-i, --input", "-o, --output", "--sampler", "--num-steps",
                 "--checkpoint", "--num-samples", "--save-probabilities", "--seed"],
     "build": ["DATASET", "--manual-dir", "--data-dir", "--name", "--spacing", "--shape",
@@ -22,7 +24,13 @@ OPTIONS = {
 }  # fmt: skip
 DEFAULTS = {
     "train": ["Default: 'phantom'", "Default: True", "Default: 'auto'"],
-    "test": ["Default: 'runs/latest'", "Default: 'best'", "Default: 1", "Default: 0"],
+    "test": [
+        "Default: 'runs/latest'",
+        "Default: 'best'",
+        "Default: 1",
+        "Default: 0",
+        "Default: False",
+    ],
     "predict": ["Default: False"],
 }
 

@@ -13,11 +13,20 @@ def test_evaluation_options_reach_evaluate(api, imgx, run_dir, split):
     )  # fmt: skip
     assert code == 0
     expected = {"split": split, "sampler": "ddim", "num_steps": 10, "checkpoint": "last",
-                "num_samples": 2, "seed": 1}  # fmt: skip
+                "num_samples": 2, "seed": 1, "overwrite": False}  # fmt: skip
     assert api.calls == [("evaluate", (run_dir,), expected)]
     assert "muscle" in out and "0.900 ± 0.010" in out and "2.00 ± 0.20" in out
     assert "background" not in out
-    assert str(run_dir / split / "ddpm-5") in out
+    assert str(run_dir / split / api.results) in out
+
+
+@pytest.mark.parametrize("split", ["valid", "test"])
+def test_overwrite_reaches_evaluate_and_refusals_are_one_line(api, imgx, run_dir, split):
+    assert imgx(split, "--run", str(run_dir), "--overwrite")[0] == 0
+    assert api.call("evaluate")[1]["overwrite"] is True
+    api.evaluate_error = FileExistsError(f"{run_dir}/{split}/{api.results} already holds ...")
+    code, _, err = imgx(split, "--run", str(run_dir))
+    assert code == 2 and f"{api.results} already holds" in err and "Traceback" not in err
 
 
 def test_evaluation_defaults_use_latest_run_and_best_checkpoint(api, imgx, tmp_path):
@@ -30,7 +39,7 @@ def test_evaluation_defaults_use_latest_run_and_best_checkpoint(api, imgx, tmp_p
             "evaluate",
             (Path("runs/latest"),),
             {"split": "test", "sampler": None, "num_steps": None, "checkpoint": "best",
-             "num_samples": 1, "seed": 0},
+             "num_samples": 1, "seed": 0, "overwrite": False},
         )
     ]  # fmt: skip
 

@@ -65,7 +65,16 @@ def test_default_run_tests_best_checkpoint_and_prints_where_things_are(api, imgx
     assert "background" not in out
     assert f"run:       {run}" in out
     assert str(run / "plots" / "curves.png") in out
-    assert str(run / "test" / "ddpm-5") in out
+    assert str(run / "test" / api.results) in out
+
+
+def test_resume_with_the_best_checkpoint_tested_before_does_not_fail(api, imgx, run_dir):
+    message = f"{run_dir}/test/{api.results} already holds the results of these settings"
+    api.evaluate_error = FileExistsError(message)
+    code, out, _ = imgx("train", "--resume", str(run_dir))
+    assert code == 0 and api.names() == ["resume", "evaluate"]
+    assert f"not tested again: {message}" in out
+    assert f"run:       {run_dir}" in out
 
 
 def test_no_test_skips_evaluation(api, imgx):

@@ -1,7 +1,9 @@
 """Test-split evaluation and prediction on new files, from a tiny diffusion run."""
 
 import csv
+import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -32,7 +34,7 @@ def summary(run):
 
 
 def test_evaluate_writes_what_a_user_opens(run, summary):
-    out = run / "test" / "ddim-3"
+    out = run / "test" / f"step_{summary['checkpoint']}-ddim_3steps-1sample-seed3"
     assert summary["output_dir"] == str(out)
     assert summary["num_cases"] == 3
     assert set(summary["foreground_mean"]) >= {"dice", "iou", "hd95", "assd", "nsd"}
@@ -60,8 +62,64 @@ def written_data_dir(run):
 
 
 def test_same_seed_same_result(run, summary):
-    again = evaluation.evaluate(run, split="test", sampler="ddim", num_steps=3, seed=3)
+    again = evaluation.evaluate(
+        run, split="test", sampler="ddim", num_steps=3, seed=3, overwrite=True
+    )
     assert again["per_class"] == summary["per_class"]
+    assert again["output_dir"] == summary["output_dir"]
+
+
+def _snapshot(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_other_settings_never_replace_earlier_results(run, summary, monkeypatch):
+    first = Path(summary["output_dir"])
+    before = _snapshot(first)
+    other_seed = evaluation.evaluate(run, split="test", sampler="ddim", num_steps=3, seed=4)
+    # The tiny run keeps one checkpoint: another step stands in for another checkpoint.
+    other = summary["checkpoint"] + 7
+    restore = evaluation.restore_run
+    with monkeypatch.context() as patch:
+        patch.setattr(
+            evaluation,
+            "restore_run",
+            lambda run_dir, checkpoint: dataclasses.replace(
+                restore(run_dir, summary["checkpoint"]), step=checkpoint
+            ),
+        )
+        other_step = evaluation.evaluate(
+            run, split="test", sampler="ddim", num_steps=3, seed=3, checkpoint=other
+        )
+    assert Path(other_seed["output_dir"]).name == (
+        f"step_{summary['checkpoint']}-ddim_3steps-1sample-seed4"
+    )
+    assert Path(other_step["output_dir"]).name == f"step_{other}-ddim_3steps-1sample-seed3"
+    assert len({summary["output_dir"], other_seed["output_dir"], other_step["output_dir"]}) == 3
+    assert _snapshot(first) == before
+    # The same settings again: refused before any case is predicted, nothing touched.
+    with pytest.raises(evaluation.ResultsExist, match=r"already holds .* --overwrite"):
+        evaluation.evaluate(run, split="test", sampler="ddim", num_steps=3, seed=3)
+    assert _snapshot(first) == before
+    assert sorted(p.name for p in (run / "test").iterdir()) == sorted(
+        Path(s["output_dir"]).name for s in (summary, other_seed, other_step)
+    )
+
+
+def test_results_name_holds_every_setting():
+    def name(**changes):
+        settings = dict(
+            step=100, is_diffusion=True, sampler="ddim", num_steps=10, num_samples=5, seed=0
+        )
+        return evaluation.results_name(**(settings | changes))
+
+    assert name() == "step_100-ddim_10steps-5samples-seed0"
+    assert name(num_samples=1, sampler="ddpm", eta=0.5) == "step_100-ddpm_10steps-1sample-seed0"
+    assert name(eta=0.5) == "step_100-ddim_10steps_eta0.5-5samples-seed0"
+    assert name(is_diffusion=False, seed=3) == "step_100"  # seg: the checkpoint decides
+    changes = [{}, dict(step=200), dict(sampler="ddpm"), dict(num_steps=5), dict(eta=1.0),
+               dict(num_samples=1), dict(seed=1)]  # fmt: skip
+    assert len({name(**c) for c in changes}) == len(changes)
 
 
 def test_number_of_sampling_steps_is_checked(run):

@@ -2,6 +2,7 @@
 the ensemble's running sums against closed forms, sliding windows against whole images,
 keys independent of the batch size, and the best checkpoint orbax keeps."""
 
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -142,6 +143,68 @@ def test_a_failed_write_leaves_nothing_of_the_case(use_stub, tmp_path, monkeypat
     assert result["written"] == []
     assert "No space left on device" in result["failures"][0][1]
     assert list((tmp_path / "out").iterdir()) == []  # label and entropy removed, no .partial
+
+
+# ---------------------------------------------------------------------------------------
+# Outputs never overwrite (or mix with) the inputs: refused before anything is loaded.
+
+
+def _snapshot(folder):
+    """Every path below `folder`: a file's bytes, a link's target, or a folder."""
+
+    def content(path):
+        if path.is_symlink():
+            return ("link", os.readlink(path))
+        return path.read_bytes() if path.is_file() else "folder"
+
+    return {p.relative_to(folder): content(p) for p in sorted(folder.rglob("*"))}
+
+
+@pytest.mark.parametrize(
+    ("inputs", "output", "named"),
+    [
+        ("scans", "scans", "the folder of the inputs (scans): the predictions would overwrite"),
+        ("scans", "scans/../scans/.", "would overwrite scans/a.nii.gz, scans/b.nii.gz and be"),
+        ("scans", "linked", "linked is the folder of the inputs (scans)"),  # a symlink
+        ("scans/a.nii.gz", "scans", "would overwrite scans/a.nii.gz and be read"),  # one file
+        ("scans/m_0001.nii.gz", "scans", "predictions would be read as scans by"),  # no clash
+        ("scans/a.nii.gz", "scans/a.nii.gz", "is an input scan, not a folder"),
+        ("other/a.nii.gz", "scans", "would overwrite the input(s) other/a.nii.gz (a link"),
+    ],
+)
+def test_outputs_never_overwrite_the_inputs(tmp_path, monkeypatch, inputs, output, named):
+    def no_model(*args):
+        raise AssertionError("the run must not be loaded")
+
+    monkeypatch.setattr(evaluation, "restore_run", no_model)
+    monkeypatch.chdir(tmp_path)
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    image = np.random.default_rng(0).random((9, 7)).astype(np.float32)
+    for name in ("a", "b", "m_0000", "m_0001"):
+        _write(scans / f"{name}.nii.gz", image)
+    (tmp_path / "linked").symlink_to(scans)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "a.nii.gz").symlink_to(scans / "a.nii.gz")
+    before = _snapshot(tmp_path)
+    with pytest.raises(FileExistsError) as error:
+        predict(tmp_path / "run", inputs, output)
+    message = str(error.value)
+    assert "choose another output folder (-o)" in message
+    assert named in message
+    assert _snapshot(tmp_path) == before  # input bytes unchanged, nothing created
+
+
+def test_outputs_elsewhere_or_below_the_inputs_are_fine(use_stub, tmp_path):
+    use_stub(stub_task())
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    _write(scans / "a.nii.gz", np.random.default_rng(0).random((9, 7)).astype(np.float32))
+    for output in (scans / "predictions", tmp_path / "out"):
+        result = predict(tmp_path / "run", scans, output)
+        assert result["failures"] == [] and [Path(p).name for p in result["written"]] == [
+            "a.nii.gz"
+        ]
 
 
 # ---------------------------------------------------------------------------------------

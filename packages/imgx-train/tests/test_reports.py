@@ -3,11 +3,14 @@
 import csv
 import json
 import math
+from functools import partial
+from pathlib import Path
 
 import numpy as np
 import pytest
 from matplotlib.image import imread
 
+from imgx_train import reports
 from imgx_train.metrics import per_class_metrics
 from imgx_train.reports import (
     case_row,
@@ -175,12 +178,43 @@ def test_summary_json_nan_is_null_and_valid(tmp_path, rows):
     assert loaded["per_class"]["liver"]["dice"]["mean"] is None
 
 
-def test_failed_write_keeps_the_previous_file(tmp_path):
-    path = write_summary_json(tmp_path / "summary.json", {"num_cases": 1})
-    with pytest.raises(TypeError):
-        write_summary_json(path, {"num_cases": object()})
-    assert json.loads(path.read_text()) == {"num_cases": 1}
-    assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]
+@pytest.mark.parametrize("failure", ["csv_at_fsync", "json_at_fsync", "csv_at_row_2"])
+def test_failed_write_keeps_the_previous_file(tmp_path, rows, monkeypatch, failure):
+    """A write that fails inside the atomic write (the new content partly or wholly in the
+    temporary file, not yet moved in place) leaves the previous file byte for byte and no
+    temporary file behind."""
+    if failure.startswith("csv"):
+        path = write_per_case_csv(tmp_path / "per_case.csv", rows, CLASSES)
+        rows.append(dict(rows[0], uid="d"))
+        if failure == "csv_at_row_2":  # the header and row 1 are written, then row 2 fails
+            rows[1] = dict(rows[1], dice=np.array(["0.5", "bad", "0.1"]))
+        write_again = partial(write_per_case_csv, path, rows, CLASSES)
+    else:
+        path = write_summary_json(tmp_path / "summary.json", summarize(rows, CLASSES))
+        write_again = partial(write_summary_json, path, {"num_cases": 4})
+    before = path.read_bytes()
+
+    temporaries = []
+    real_mkstemp = reports.tempfile.mkstemp
+
+    def recording_mkstemp(*args, **kwargs):
+        fd, name = real_mkstemp(*args, **kwargs)
+        temporaries.append(Path(name))
+        return fd, name
+
+    def full_disk(fd):
+        # The new content has reached the temporary file (flushed), the rename is next.
+        assert temporaries[-1].stat().st_size > 0
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(reports.tempfile, "mkstemp", recording_mkstemp)
+    if failure.endswith("fsync"):
+        monkeypatch.setattr(reports.os, "fsync", full_disk)
+    with pytest.raises(ValueError if failure == "csv_at_row_2" else OSError):
+        write_again()
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left
+    assert len(temporaries) == 1 and temporaries[0].parent == tmp_path
 
 
 def _phantom_3d():

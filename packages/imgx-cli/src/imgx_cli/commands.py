@@ -294,11 +294,17 @@ def train(
             raise CommandExit(
                 130, f"interrupted while testing; training is done: imgx test --run {out}"
             ) from None
-        _print_results(summary)
+        except FileExistsError as error:  # a resume whose best checkpoint was tested before
+            summary = None
+            _echo(f"not tested again: {error}")
+        if summary is not None:
+            _print_results(summary)
     _print_run_paths(out)
 
 
-def _evaluate(split: str, run: str, sampler, num_steps, checkpoint, num_samples, seed, device):
+def _evaluate(
+    split: str, run: str, sampler, num_steps, checkpoint, num_samples, seed, overwrite, device
+):
     select_device(device)
     run_dir = _run_dir(run)
     import imgx_train
@@ -311,6 +317,7 @@ def _evaluate(split: str, run: str, sampler, num_steps, checkpoint, num_samples,
         checkpoint=_checkpoint(checkpoint),
         num_samples=_positive_int(num_samples, "--num-samples"),
         seed=_int(seed, "--seed"),
+        overwrite=bool(overwrite),
     )
     _print_results(summary)
 
@@ -322,9 +329,14 @@ def valid(
     checkpoint: str = "best",
     num_samples: int = 1,
     seed: int = 0,
+    overwrite: bool = False,
     device: str = "auto",
 ) -> None:
-    """Evaluate a run on the validation split; writes <run>/valid/<sampler>-<steps>/.
+    """Evaluate a run on the validation split; writes <run>/valid/<settings>/.
+
+    <settings> names the checkpoint step and every sampling setting, e.g.
+    valid/step_100-ddpm_5steps-1sample-seed0/ (seg: valid/step_100/): other settings never
+    replace earlier results, and the same settings again need --overwrite.
 
     Args:
       run: the run directory (made by `imgx train`).
@@ -333,9 +345,10 @@ def valid(
       checkpoint: best, last or a step number.
       num_samples: samples per case (diffusion); their mean probability gives the label.
       seed: random seed of the sampler.
+      overwrite: replace earlier results of the same settings (refused without it).
       device: auto, cpu, gpu or tpu.
     """
-    _evaluate("valid", run, sampler, num_steps, checkpoint, num_samples, seed, device)
+    _evaluate("valid", run, sampler, num_steps, checkpoint, num_samples, seed, overwrite, device)
 
 
 def test(
@@ -345,12 +358,15 @@ def test(
     checkpoint: str = "best",
     num_samples: int = 1,
     seed: int = 0,
+    overwrite: bool = False,
     device: str = "auto",
 ) -> None:
-    """Evaluate a run on the test split; writes <run>/test/<sampler>-<steps>/.
+    """Evaluate a run on the test split; writes <run>/test/<settings>/.
 
     Writes predictions (.nii.gz / .png), per_case.csv and summary.json, and prints Dice and
-    HD95 per class.
+    HD95 per class. <settings> names the checkpoint step and every sampling setting, e.g.
+    test/step_100-ddim_10steps-5samples-seed0/ (seg: test/step_100/): other settings never
+    replace earlier results, and the same settings again need --overwrite.
 
     Args:
       run: the run directory (made by `imgx train`).
@@ -359,9 +375,10 @@ def test(
       checkpoint: best, last or a step number.
       num_samples: samples per case (diffusion); their mean probability gives the label.
       seed: random seed of the sampler.
+      overwrite: replace earlier results of the same settings (refused without it).
       device: auto, cpu, gpu or tpu.
     """
-    _evaluate("test", run, sampler, num_steps, checkpoint, num_samples, seed, device)
+    _evaluate("test", run, sampler, num_steps, checkpoint, num_samples, seed, overwrite, device)
 
 
 def predict(
@@ -384,7 +401,7 @@ def predict(
     Args:
       run: the run directory (made by `imgx train`).
       input: a NIfTI file or a folder of them (channels as _0000, _0001 ...; 2D: also PNG).
-      output: the folder for the predictions.
+      output: the folder for the predictions; never the inputs' folder (refused).
       sampler: diffusion sampler, ddpm or ddim; default: the run's (ddpm).
       num_steps: diffusion sampling steps; default: the run's (5).
       checkpoint: best, last or a step number.

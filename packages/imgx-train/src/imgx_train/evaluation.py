@@ -4,6 +4,11 @@
 configured sampler). `evaluate` is `imgx valid` / `imgx test`: it restores a checkpoint,
 predicts every case of a split (sliding windows when the dataset trains on patches), and
 writes `per_case.csv`, `summary.json`, predictions in the original geometry and overlays.
+
+Results never overwrite other results: the folder is named by every setting that changes
+the numbers (`results_name`: checkpoint step, sampler, sampling steps, DDIM's eta, number
+of samples, seed), and a folder that already holds results of the same settings is only
+replaced with `overwrite=True` (`ResultsExist` otherwise).
 """
 
 from __future__ import annotations
@@ -254,6 +259,45 @@ def restore_run(run_dir: str | Path, checkpoint: str | int = "best") -> Restored
     return RestoredRun(run_dir, cfg, task, params, step)
 
 
+class ResultsExist(FileExistsError):
+    """`evaluate` found results of the same settings and was not asked to replace them."""
+
+    def __init__(self, output_dir: Path):
+        super().__init__(
+            f"{output_dir} already holds the results of these settings (checkpoint, sampler, "
+            "steps, samples, seed); pass overwrite=True (imgx test/valid --overwrite) to "
+            "replace them, or change a setting to keep both"
+        )
+        self.output_dir = output_dir
+
+
+def results_name(
+    *,
+    step: int,
+    is_diffusion: bool,
+    sampler: str,
+    num_steps: int,
+    num_samples: int,
+    seed: int,
+    eta: float = 0.0,
+) -> str:
+    """The folder name of an evaluation's results: every setting that changes the numbers.
+
+    `step_100` for seg (deterministic: the checkpoint alone decides), and for diffusion
+    `step_100-ddim_10steps-5samples-seed0` (`1sample`; DDIM with eta ≠ 0 adds `_eta0.5`
+    after the steps). The dataset, tolerance and the other `eval` fields come from the
+    run's config.json, which does not change between evaluations of a run.
+    """
+    name = f"step_{step}"
+    if not is_diffusion:
+        return name
+    steps = f"{sampler}_{num_steps}steps"
+    if sampler == "ddim" and eta:
+        steps += f"_eta{eta:g}"
+    samples = f"{num_samples}sample" + ("s" if num_samples != 1 else "")
+    return f"{name}-{steps}-{samples}-seed{seed}"
+
+
 def evaluate(
     run_dir: str | Path,
     *,
@@ -264,13 +308,18 @@ def evaluate(
     num_samples: int = 1,
     seed: int = 0,
     save_predictions: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Evaluates a run's checkpoint on a split; returns the `summary.json` content.
 
-    Writes `<run>/<split>/<sampler>-<K>/` (diffusion) or `<run>/<split>/` (seg) with
-    `per_case.csv`, `summary.json`, `predictions/<uid>.nii.gz` (original geometry; also
-    `.png` for 2D) and `overlays/<uid>.png`; the directory is written to a temporary
-    name and moved in place when complete. The summary gets `output_dir` and `checkpoint`.
+    Writes `<run>/<split>/<results_name>/`, e.g. `test/step_100-ddpm_5steps-1sample-seed0/`
+    (diffusion) or `test/step_100/` (seg), with `per_case.csv`, `summary.json`,
+    `predictions/<uid>.nii.gz` (original geometry; also `.png` for 2D) and
+    `overlays/<uid>.png`; the directory is written to a temporary name and moved in place
+    when complete (nothing is left of a failed evaluation). Results of other settings are
+    never touched; those of the same settings are replaced only with `overwrite`, else
+    `ResultsExist` is raised before any case is predicted. The summary gets `output_dir`
+    and `checkpoint`.
     """
     if split not in ("valid", "test"):
         raise ValueError(f"split must be valid or test, got {split!r}")
@@ -282,54 +331,82 @@ def evaluate(
         raise ValueError(f"num_samples must be at least 1, got {num_samples}")
     predict = task.predict_fn(sampler, num_steps, cfg.eval.eta)
     source = imgx_data.data_source(cfg.data.name, split, data_dir=cfg.data.data_dir)
-    name = f"{sampler}-{num_steps}" if task.is_diffusion else ""
-    out_dir = restored.run_dir / split / name if name else restored.run_dir / split
+    name = results_name(
+        step=restored.step,
+        is_diffusion=task.is_diffusion,
+        sampler=sampler,
+        num_steps=num_steps,
+        num_samples=num_samples,
+        seed=seed,
+        eta=cfg.eval.eta,
+    )
+    out_dir = restored.run_dir / split / name
+    if out_dir.exists() and not overwrite:
+        raise ResultsExist(out_dir)
     tmp_dir = out_dir.with_name(out_dir.name + ".partial")
     # Every process evaluates (on its own copy of the parameters); process 0 writes.
     main = devices.is_main_process()
     if main:
         shutil.rmtree(tmp_dir, ignore_errors=True)
-        (tmp_dir / "predictions").mkdir(parents=True)
-        (tmp_dir / "overlays").mkdir()
-
-    rows = []
-    for i, (example, probs) in enumerate(
-        iterate_cases(task, predict, restored.params, source, seed=seed, num_samples=num_samples)
-    ):
-        uid = str(example["uid"])
-        label, final, per_step = case_metrics(task, example, probs, cfg.eval.tolerance_mm)
-        rows.append(reports.case_row(uid, final, per_step))
-        if save_predictions and main:
-            _write_prediction(tmp_dir / "predictions", uid, label, example)
-        if main and i < cfg.eval.num_overlays:
-            reports.save_overlay(
-                tmp_dir / "overlays" / f"{_safe(uid)}.png",
-                np.asarray(example["image"]),
-                np.asarray(example["label"]),
-                label,
-                class_names=task.class_names,
-                spacing=tuple(float(s) for s in example["spacing"]),
-            )
-    summary = reports.summarize(rows, task.class_names)
-    summary.update(
-        {
-            "split": split,
-            "checkpoint": restored.step,
-            "sampler": sampler if task.is_diffusion else None,
-            "num_steps": num_steps if task.is_diffusion else None,
-            "num_samples": num_samples,
-            "seed": seed,
-        }
-    )
-    if main:
-        reports.write_per_case_csv(tmp_dir / "per_case.csv", rows, task.class_names)
-        reports.write_summary_json(tmp_dir / "summary.json", summary)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp_dir.rename(out_dir)
+    try:
+        if main:
+            (tmp_dir / "predictions").mkdir(parents=True)
+            (tmp_dir / "overlays").mkdir()
+        rows = []
+        cases = iterate_cases(
+            task, predict, restored.params, source, seed=seed, num_samples=num_samples
+        )
+        for i, (example, probs) in enumerate(cases):
+            uid = str(example["uid"])
+            label, final, per_step = case_metrics(task, example, probs, cfg.eval.tolerance_mm)
+            rows.append(reports.case_row(uid, final, per_step))
+            if main and save_predictions:
+                _write_prediction(tmp_dir / "predictions", uid, label, example)
+            if main and i < cfg.eval.num_overlays:
+                reports.save_overlay(
+                    tmp_dir / "overlays" / f"{_safe(uid)}.png",
+                    np.asarray(example["image"]),
+                    np.asarray(example["label"]),
+                    label,
+                    class_names=task.class_names,
+                    spacing=tuple(float(s) for s in example["spacing"]),
+                )
+        summary = reports.summarize(rows, task.class_names)
+        summary.update(
+            {
+                "split": split,
+                "checkpoint": restored.step,
+                "sampler": sampler if task.is_diffusion else None,
+                "num_steps": num_steps if task.is_diffusion else None,
+                "num_samples": num_samples,
+                "seed": seed,
+            }
+        )
+        if main:
+            reports.write_per_case_csv(tmp_dir / "per_case.csv", rows, task.class_names)
+            reports.write_summary_json(tmp_dir / "summary.json", summary)
+            _move_in_place(tmp_dir, out_dir, overwrite)
+    except BaseException:  # nothing of a failed or interrupted evaluation is left
+        if main:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
     distributed.barrier("imgx-evaluate-written")  # no process returns before the files exist
     summary["output_dir"] = str(out_dir)
     return summary
+
+
+def _move_in_place(tmp_dir: Path, out_dir: Path, overwrite: bool) -> None:
+    """Renames the finished `tmp_dir` to `out_dir`, replacing it only with `overwrite`."""
+    if not out_dir.exists():
+        tmp_dir.rename(out_dir)
+        return
+    if not overwrite:  # written by another evaluation meanwhile
+        raise ResultsExist(out_dir)
+    old = out_dir.with_name(out_dir.name + ".replaced")
+    shutil.rmtree(old, ignore_errors=True)
+    out_dir.rename(old)
+    tmp_dir.rename(out_dir)
+    shutil.rmtree(old)
 
 
 def _safe(uid: str) -> str:

@@ -12,6 +12,13 @@ stitched (not the K intermediate ones), and the S samples are summed on the host
 running sums (`RunningEnsemble`), never stacked. Case keys come from the seed and the
 case name, so a case gets the same prediction alone or in a folder.
 
+Predictions never overwrite the inputs: `check_outputs` refuses, before the model is
+loaded or anything is written, an output folder that is the inputs' folder (in any
+spelling: a symlink, `..`, another path to the same folder) or where an output would
+replace an input file (an input that is a symlink into the output folder). Predictions
+written next to the scans would also be read as scans by the next `imgx predict` of that
+folder, so the inputs' own folder is refused even when no name clashes.
+
 A bad input (a channel missing or too many, a file that does not fit the naming, a 2D
 image for a 3D model, an unreadable file) is listed in `failures` with a message naming
 the file and what is expected, and nothing is written for it; the other cases are still
@@ -53,6 +60,76 @@ def _cases(inputs: Path, num_channels: int) -> tuple[dict[str, list[Path]], list
     # A single file: its own case only (with its sibling channel files).
     found = scans_lib.find_scans(inputs.parent, num_channels, case=case)
     return found.cases, found.problems
+
+
+_OUTPUT_SUFFIXES = ("", "_entropy", "_variance", "_probabilities")
+
+
+def _input_files(inputs: Path) -> list[Path]:
+    """The image files predicting `inputs` may read: a folder's, or a file's case's."""
+    folder = inputs if inputs.is_dir() else inputs.parent
+    case = None if inputs.is_dir() else scans_lib.case_of(inputs)
+    files = [
+        path
+        for path in sorted(folder.iterdir())
+        if path.is_file()
+        and (name := scans_lib.case_of(path)) is not None
+        and (case is None or name == case)
+    ]
+    return files if inputs.is_dir() else sorted({inputs, *files})
+
+
+def _output_names(case: str) -> list[str]:
+    """The files `predict` may write for a case, with their temporary names."""
+    names = [f"{case}{suffix}.nii.gz" for suffix in _OUTPUT_SUFFIXES]
+    return names + [f".{name}.partial.nii.gz" for name in names]
+
+
+def _same(a: Path, b: Path) -> bool:
+    """Whether two paths name one file or folder (symlinks, `..`, hard links)."""
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist
+        return False
+
+
+def check_outputs(inputs: str | Path, output_dir: str | Path) -> None:
+    """Refuses an output folder where predictions would overwrite or mix with the inputs.
+
+    Raises:
+      FileNotFoundError: `inputs` does not exist.
+      FileExistsError: `output_dir` is the folder of the inputs, is a file, or an output
+        would replace an input file; the message names the clashing files and the fix.
+    """
+    inputs, output_dir = Path(inputs), Path(output_dir)
+    if not inputs.exists():
+        raise FileNotFoundError(f"input {inputs} does not exist")
+    folder = inputs if inputs.is_dir() else inputs.parent
+    files = _input_files(inputs)
+    fix = f"choose another output folder (-o), e.g. {folder.name or 'scans'}_predictions"
+    if output_dir.exists() and not output_dir.is_dir():
+        what = "an input scan" if any(_same(output_dir, f) for f in files) else "a file"
+        raise FileExistsError(
+            f"output {output_dir} is {what}, not a folder: predictions go into a folder; {fix}"
+        )
+    target = output_dir.resolve()
+    cases = {scans_lib.case_of(path) for path in files} - {None}
+    planned = {target / name for case in sorted(cases) for name in _output_names(case)}
+    clashes = [str(path) for path in files if path.resolve() in planned]
+    if _same(output_dir, folder):
+        overwritten = f"overwrite {', '.join(clashes)} and " if clashes else ""
+        raise FileExistsError(
+            f"output folder {output_dir} is the folder of the inputs ({folder}): the "
+            f"predictions would {overwritten}be read as scans by the next prediction of that "
+            f"folder; {fix}"
+        )
+    if clashes:
+        raise FileExistsError(
+            f"output folder {output_dir}: predictions would overwrite the input(s) "
+            f"{', '.join(clashes)} (a link into that folder); {fix}"
+        )
 
 
 class Ensemble(NamedTuple):
@@ -152,9 +229,13 @@ def predict(
     `<case>_entropy.nii.gz` and `<case>_variance.nii.gz`, and with `save_probabilities`
     `<case>_probabilities.nii.gz` (float32, classes on the last axis).
 
+    Nothing is loaded or written when `output_dir` could overwrite or mix with the
+    inputs (`check_outputs`).
+
     Returns:
       {"written": [paths], "failures": [(input path, message)]}.
     """
+    check_outputs(inputs, output_dir)
     restored = evaluation.restore_run(run_dir, checkpoint)
     cfg, task, info = restored.cfg, restored.task, restored.task.info
     sampler = sampler or cfg.eval.sampler
