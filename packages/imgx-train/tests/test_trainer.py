@@ -259,7 +259,8 @@ def test_early_stopping_counts_validations_without_improvement():
 def test_corrupted_latest_checkpoint_falls_back_and_resume_finishes(
     seg_run, tmp_path, caplog, capsys
 ):
-    """Checkpoint 4 of 4 garbled: a warning, resume from 2, and the same final parameters."""
+    """Checkpoint 4 of 4 garbled: a warning naming it, resume from 2, the same final
+    parameters, and the garbled files kept in `checkpoints/corrupt-4-*`."""
     copy = tmp_path / "copy"
     shutil.copytree(seg_run, copy)
     steps = sorted(int(p.name) for p in (copy / "checkpoints").iterdir() if p.name.isdigit())
@@ -267,14 +268,45 @@ def test_corrupted_latest_checkpoint_falls_back_and_resume_finishes(
     for f in (copy / "checkpoints" / "4" / "state").rglob("*"):
         if f.is_file():
             f.write_bytes(b"garbage")
+    garbled = sorted(
+        str(f.relative_to(copy / "checkpoints" / "4"))
+        for f in (copy / "checkpoints" / "4").rglob("*")
+        if f.is_file()
+    )
     with caplog.at_level(logging.WARNING, logger="imgx_train.checkpoint"):
         trainer.resume(copy)
-    assert "checkpoints/4 is unreadable, trying the previous one" in caplog.text
+    assert "checkpoints/4 is corrupt (a metadata file is not valid JSON" in caplog.text
     assert f"resumed {copy.resolve()} at step 2" in capsys.readouterr().out
+    (aside,) = (copy / "checkpoints").glob("corrupt-4-*")
+    assert f"moved to {aside}" in caplog.text
+    kept = sorted(str(f.relative_to(aside)) for f in aside.rglob("*") if f.is_file())
+    assert kept == garbled
+    assert all(f.read_bytes() == b"garbage" for f in (aside / "state").rglob("*") if f.is_file())
     assert evaluation.restore_run(copy, "last").step == 4
     _assert_same_params(seg_run, copy)
     records = runs.read_jsonl(copy / "metrics" / "train.jsonl")
     assert [r["step"] for r in records] == [1, 2, 3, 4]
+
+
+def test_a_transient_read_error_stops_the_resume_and_deletes_nothing(
+    seg_run, tmp_path, monkeypatch
+):
+    """An I/O error reading checkpoint 4 (e.g. NFS): resume fails naming it, deletes nothing."""
+    copy = tmp_path / "copy"
+    shutil.copytree(seg_run, copy)
+    before = sorted(str(p.relative_to(copy)) for p in (copy / "checkpoints").rglob("*"))
+    real_restore = ckpt_lib.ocp.CheckpointManager.restore
+
+    def flaky(self, step, *args, **kwargs):
+        if step == 4:
+            raise OSError(errno.EIO, "Input/output error")
+        return real_restore(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt_lib.ocp.CheckpointManager, "restore", flaky)
+    with pytest.raises(ckpt_lib.CheckpointError, match="cannot read checkpoint .*/4: OSError"):
+        trainer.resume(copy)
+    after = sorted(str(p.relative_to(copy)) for p in (copy / "checkpoints").rglob("*"))
+    assert after == before
 
 
 def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(data_dir, seg_run, tmp_path, monkeypatch):

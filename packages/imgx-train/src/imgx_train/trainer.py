@@ -334,14 +334,13 @@ def _train(
     # The best validation so far (the earliest of equal values), kept with each checkpoint.
     best: dict[str, Any] = {"step": None, "valid_dice": None}
     if resuming and mngr.all_steps():
-        start, state, saved = ckpt_lib.restore(mngr, None, state)
+        start, state, saved, skipped = ckpt_lib.restore_latest(mngr, state)
         iterator.set_state(saved["iterator"])
         stopper.load_json(saved["early_stopping"])
         best = saved.get("best", best)
-        # Later steps could not be read (restore passed over them): this run rewrites them.
-        for later in sorted(s for s in mngr.all_steps() if s > start):
-            logger.warning("deleting unreadable checkpoint %s/%d", mngr.directory, later)
-            mngr.delete(later)
+        # Newer steps proven corrupt: kept, moved out of the way of this run's saves.
+        for later, reason in sorted(skipped.items()):
+            ckpt_lib.set_aside(mngr, later, reason)
         if main:
             print(f"resumed {run_dir} at step {start}", flush=True)
     train_log.truncate_after(start)
