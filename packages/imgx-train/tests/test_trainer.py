@@ -9,6 +9,7 @@ once into a temporary data dir.
 import errno
 import json
 import logging
+import os
 import shutil
 import signal
 import sys
@@ -343,6 +344,70 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(data_dir, seg_run, tmp_pa
     assert (step, int(state["step"]), meta["iterator"]["step"]) == (3, 3, 3)
     monkeypatch.setattr(trainer, "_jit_train_step", original)
     trainer.resume(run_dir)
+    _assert_same_params(seg_run, run_dir)
+
+
+def test_sigterm_saves_a_checkpoint_like_ctrl_c(data_dir, seg_run, tmp_path, monkeypatch):
+    """SIGTERM (preemption, scancel, docker stop) after step 3: checkpoint 3 is saved, the
+    error carries the resume command, and both handlers are put back."""
+    original = trainer._jit_train_step
+
+    def terminated_after_step_3(*args, **kwargs):
+        step_fn = original(*args, **kwargs)
+        calls = []
+
+        def call(state, batch):
+            out = step_fn(state, batch)
+            calls.append(1)
+            if len(calls) == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return out
+
+        return call
+
+    monkeypatch.setattr(trainer, "_jit_train_step", terminated_after_step_3)
+    run_dir = tmp_path / "terminated"
+    with pytest.raises(trainer.TrainingInterrupted) as info:
+        trainer.train(config_lib.load(seg_run / "config.json"), run_dir=run_dir)
+    assert (info.value.step, info.value.signum) == (3, signal.SIGTERM)
+    assert f"resume with: imgx train --resume {run_dir}" in str(info.value)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    mngr = ckpt_lib.manager(run_dir, read_only=True)
+    assert sorted(mngr.all_steps()) == [2, 3]
+    assert ckpt_lib.read_meta(mngr, 3)["iterator"]["step"] == 3
+
+
+def test_a_second_ctrl_c_during_validation_leaves_it_pending(seg_run, tmp_path, monkeypatch):
+    """Two Ctrl-C inside step 2's validation: checkpoint 2 records no validation (log, early
+    stopping, best) and says it is pending; the resume validates step 2 first and ends as the
+    straight run."""
+    original = evaluation.Validator.run
+
+    def interrupted(self, state, step):
+        if step == 2:
+            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)  # the second one stops at once
+        return original(self, state, step)
+
+    monkeypatch.setattr(evaluation.Validator, "run", interrupted)
+    run_dir = tmp_path / "interrupted"
+    with pytest.raises(trainer.TrainingInterrupted) as info:
+        trainer.train(config_lib.load(seg_run / "config.json"), run_dir=run_dir)
+    assert info.value.step == 2
+    mngr = ckpt_lib.manager(run_dir, read_only=True)
+    assert sorted(mngr.all_steps()) == [2]
+    meta = ckpt_lib.read_meta(mngr, 2)
+    assert meta["validation_pending"] is True
+    assert meta["best"] == {"step": None, "valid_dice": None}
+    assert meta["early_stopping"]["best_step"] is None and meta["early_stopping"]["bad"] == 0
+    assert mngr.metrics(2) is None or ckpt_lib.METRIC_KEY not in mngr.metrics(2)
+    assert runs.read_jsonl(run_dir / "metrics" / "valid.jsonl") == []
+    monkeypatch.setattr(evaluation.Validator, "run", original)
+    trainer.resume(run_dir)
+    valid = runs.read_jsonl(run_dir / "metrics" / "valid.jsonl")
+    assert valid == runs.read_jsonl(seg_run / "metrics" / "valid.jsonl")
+    assert [r["step"] for r in valid] == [2, 4]
     _assert_same_params(seg_run, run_dir)
 
 
