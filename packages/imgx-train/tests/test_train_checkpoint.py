@@ -180,3 +180,36 @@ def test_provable_corruption(tmp_path, damage):
     assert step == 1 and list(skipped) == [2]
     with pytest.raises(ckpt_lib.CorruptCheckpointError, match="checkpoints/2 is corrupt"):
         ckpt_lib.restore(mngr, 2, _state(0.0))
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_full_disk_inside_tensorstore_s_array_write_is_a_clear_error(tmp_path, monkeypatch):
+    """tensorstore reports ENOSPC as a ValueError without an errno, from inside orbax's array
+    write (after the run's write probe passed): a RunError, and step 2 is not a checkpoint."""
+    from orbax.checkpoint._src.serialization import serialization
+
+    run_dir = tmp_path / "run"
+    mngr = ckpt_lib.manager(run_dir, keep=3)
+    ckpt_lib.save(mngr, 1, _state(1.0), {})
+    ckpt_lib.wait(mngr)
+    calls = []
+
+    async def full_disk(*args, **kwargs):
+        calls.append(1)
+        raise ValueError(
+            f'UNKNOWN: Error writing local file "{run_dir}/checkpoints/2.orbax-checkpoint-tmp/'
+            'state/d/5934cf17": [OS error 28: No space left on device] '
+            "[source locations='tensorstore/internal/os/file_util_posix.cc:310']"
+        )
+
+    monkeypatch.setattr(serialization, "async_serialize_from_host", full_disk)
+    with pytest.raises(runs.RunError, match="the disk is full") as info:
+        ckpt_lib.save(mngr, 2, _state(2.0), {})
+        ckpt_lib.wait(mngr)
+    assert calls, "the patched tensorstore write was not reached"
+    assert f"imgx train --resume {run_dir}" in str(info.value)
+    reader = ckpt_lib.manager(run_dir, read_only=True)
+    assert sorted(reader.all_steps()) == [1]
+    assert not (run_dir / "checkpoints" / "2").exists()
+    step, state, _ = ckpt_lib.restore(reader, None, _state(0.0))
+    assert step == 1 and float(state["params"]["w"][0]) == 1.0
