@@ -167,8 +167,10 @@ def accumulation_steps(global_batch: int, num_devices: int, max_per_device: int 
 _FAULT_ENV = "IMGX_FAULT_INJECTION"
 
 
-def _fault_point(point: str, step: int) -> None:
-    """Test hook: `IMGX_FAULT_INJECTION=step:<n>` kills the process after the update of step n.
+def _fault_point(point: str, step: int, mngr=None) -> None:
+    """Test hook: `IMGX_FAULT_INJECTION=step:<n>` kills the process after the update of step n,
+    once the checkpoint saves already started (asynchronous) are committed, so what is on
+    disk at the kill does not depend on timing.
 
     `save:<n>` kills it in the middle of saving step n's checkpoint, after its files are
     written and before it is committed (`checkpoint.kill_during_save`, installed by
@@ -176,6 +178,8 @@ def _fault_point(point: str, step: int) -> None:
     instead of a random time.
     """
     if os.environ.get(_FAULT_ENV) == f"{point}:{step}":
+        if mngr is not None:
+            mngr.wait_until_finished()
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -444,7 +448,7 @@ def _train(
                     valid_dice, stop = validate(step)
                 if valid_dice is not None or step % cfg.train.checkpoint_every == 0:
                     ckpt_lib.save(mngr, step, state, meta(step), valid_dice=valid_dice)
-                _fault_point("step", step)
+                _fault_point("step", step, mngr)
     except KeyboardInterrupt:
         progress.close()
         saved_step = _save_on_interrupt(mngr, state, meta)
