@@ -85,3 +85,131 @@ def test_full_disk_during_a_save_is_a_clear_error(tmp_path, monkeypatch):
     reader = ckpt_lib.manager(run_dir, read_only=True)
     assert sorted(reader.all_steps()) == [1]
     assert not (run_dir / "checkpoints" / "2").exists()
+
+
+def _two_steps(run_dir):
+    mngr = ckpt_lib.manager(run_dir, keep=3)
+    for step in (1, 2):
+        ckpt_lib.save(mngr, step, _state(step), {"at": step})
+        ckpt_lib.wait(mngr)
+    mngr.close()
+    return run_dir / "checkpoints"
+
+
+def _files(folder):
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize(
+    "error",
+    [
+        OSError(errno.EIO, "Input/output error"),
+        OSError(errno.ESTALE, "Stale file handle"),
+        RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 4.0GiB"),
+        TimeoutError("barrier timed out after 300 s"),
+        ValueError("DEADLINE_EXCEEDED: Error reading local file"),
+    ],
+    ids=["EIO", "ESTALE", "OOM", "timeout", "ts-deadline"],
+)
+def test_a_read_error_that_proves_nothing_stops_and_changes_nothing(tmp_path, monkeypatch, error):
+    checkpoints = _two_steps(tmp_path)
+    before = _files(checkpoints)
+    real_restore = ckpt_lib.ocp.CheckpointManager.restore
+
+    def flaky(self, step, *args, **kwargs):
+        if step == 2:
+            raise error
+        return real_restore(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt_lib.ocp.CheckpointManager, "restore", flaky)
+    mngr = ckpt_lib.manager(tmp_path, keep=3)
+    with pytest.raises(ckpt_lib.CheckpointReadError, match="checkpoints/2") as info:
+        ckpt_lib.restore_latest(mngr, _state(0.0))
+    assert info.value.__cause__ is error and "resume again" in str(info.value)
+    assert ckpt_lib.corruption_reason(error) is None
+    mngr.close()
+    assert _files(checkpoints) == before
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_corrupt_step_is_passed_over_kept_and_set_aside_before_it_is_written_again(
+    tmp_path, caplog
+):
+    """Step 2's metadata garbled: restore falls back to 1 naming step 2 and why, with step 2
+    untouched; set aside, step 2 can be saved again and the corrupt files are still there."""
+    checkpoints = _two_steps(tmp_path)
+    (checkpoints / "2" / "meta" / "metadata").write_text("{not json")
+    before = _files(checkpoints / "2")
+    mngr = ckpt_lib.manager(tmp_path, keep=3)
+    with caplog.at_level("WARNING", logger="imgx_train.checkpoint"):
+        step, state, meta, skipped = ckpt_lib.restore_latest(mngr, _state(0.0))
+    assert (step, meta, list(skipped)) == (1, {"at": 1}, [2])
+    assert "not valid JSON" in skipped[2]
+    assert f"{checkpoints}/2 is corrupt (a metadata file is not valid JSON" in caplog.text
+    assert _files(checkpoints / "2") == before
+
+    moved = ckpt_lib.set_aside(mngr, 2, skipped[2])
+    assert moved.parent == checkpoints and moved.name.startswith("corrupt-2-")
+    assert _files(moved) == before
+    ckpt_lib.save(mngr, 2, _state(2.0), {"at": 2})
+    ckpt_lib.wait(mngr)
+    mngr.close()
+    reader = ckpt_lib.manager(tmp_path, read_only=True)
+    assert sorted(reader.all_steps()) == [1, 2]
+    assert ckpt_lib.restore(reader, 2, _state(0.0))[2] == {"at": 2}
+    assert _files(moved) == before
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize("damage", ["missing-item", "missing-data", "garbled-manifest"])
+def test_provable_corruption(tmp_path, damage):
+    checkpoints = _two_steps(tmp_path)
+    state_dir = checkpoints / "2" / "state"
+    if damage == "missing-item":
+        for f in sorted(state_dir.rglob("*"), reverse=True):
+            f.unlink() if f.is_file() else f.rmdir()
+        state_dir.rmdir()
+    elif damage == "missing-data":
+        for f in (state_dir / "d").iterdir():
+            f.unlink()
+    else:
+        (state_dir / "manifest.ocdbt").write_bytes(b"garbage")
+    mngr = ckpt_lib.manager(tmp_path, read_only=True)
+    step, _, _, skipped = ckpt_lib.restore_latest(mngr, _state(0.0))
+    assert step == 1 and list(skipped) == [2]
+    with pytest.raises(ckpt_lib.CorruptCheckpointError, match="checkpoints/2 is corrupt"):
+        ckpt_lib.restore(mngr, 2, _state(0.0))
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_full_disk_inside_tensorstore_s_array_write_is_a_clear_error(tmp_path, monkeypatch):
+    """tensorstore reports ENOSPC as a ValueError without an errno, from inside orbax's array
+    write (after the run's write probe passed): a RunError, and step 2 is not a checkpoint."""
+    from orbax.checkpoint._src.serialization import serialization
+
+    run_dir = tmp_path / "run"
+    mngr = ckpt_lib.manager(run_dir, keep=3)
+    ckpt_lib.save(mngr, 1, _state(1.0), {})
+    ckpt_lib.wait(mngr)
+    calls = []
+
+    async def full_disk(*args, **kwargs):
+        calls.append(1)
+        raise ValueError(
+            f'UNKNOWN: Error writing local file "{run_dir}/checkpoints/2.orbax-checkpoint-tmp/'
+            'state/d/5934cf17": [OS error 28: No space left on device] '
+            "[source locations='tensorstore/internal/os/file_util_posix.cc:310']"
+        )
+
+    monkeypatch.setattr(serialization, "async_serialize_from_host", full_disk)
+    with pytest.raises(runs.RunError, match="the disk is full") as info:
+        ckpt_lib.save(mngr, 2, _state(2.0), {})
+        ckpt_lib.wait(mngr)
+    assert calls, "the patched tensorstore write was not reached"
+    assert f"imgx train --resume {run_dir}" in str(info.value)
+    reader = ckpt_lib.manager(run_dir, read_only=True)
+    assert sorted(reader.all_steps()) == [1]
+    assert not (run_dir / "checkpoints" / "2").exists()
+    step, state, _ = ckpt_lib.restore(reader, None, _state(0.0))
+    assert step == 1 and float(state["params"]["w"][0]) == 1.0

@@ -9,6 +9,7 @@ once into a temporary data dir.
 import errno
 import json
 import logging
+import os
 import shutil
 import signal
 import sys
@@ -259,7 +260,8 @@ def test_early_stopping_counts_validations_without_improvement():
 def test_corrupted_latest_checkpoint_falls_back_and_resume_finishes(
     seg_run, tmp_path, caplog, capsys
 ):
-    """Checkpoint 4 of 4 garbled: a warning, resume from 2, and the same final parameters."""
+    """Checkpoint 4 of 4 garbled: a warning naming it, resume from 2, the same final
+    parameters, and the garbled files kept in `checkpoints/corrupt-4-*`."""
     copy = tmp_path / "copy"
     shutil.copytree(seg_run, copy)
     steps = sorted(int(p.name) for p in (copy / "checkpoints").iterdir() if p.name.isdigit())
@@ -267,14 +269,45 @@ def test_corrupted_latest_checkpoint_falls_back_and_resume_finishes(
     for f in (copy / "checkpoints" / "4" / "state").rglob("*"):
         if f.is_file():
             f.write_bytes(b"garbage")
+    garbled = sorted(
+        str(f.relative_to(copy / "checkpoints" / "4"))
+        for f in (copy / "checkpoints" / "4").rglob("*")
+        if f.is_file()
+    )
     with caplog.at_level(logging.WARNING, logger="imgx_train.checkpoint"):
         trainer.resume(copy)
-    assert "checkpoints/4 is unreadable, trying the previous one" in caplog.text
+    assert "checkpoints/4 is corrupt (a metadata file is not valid JSON" in caplog.text
     assert f"resumed {copy.resolve()} at step 2" in capsys.readouterr().out
+    (aside,) = (copy / "checkpoints").glob("corrupt-4-*")
+    assert f"moved to {aside}" in caplog.text
+    kept = sorted(str(f.relative_to(aside)) for f in aside.rglob("*") if f.is_file())
+    assert kept == garbled
+    assert all(f.read_bytes() == b"garbage" for f in (aside / "state").rglob("*") if f.is_file())
     assert evaluation.restore_run(copy, "last").step == 4
     _assert_same_params(seg_run, copy)
     records = runs.read_jsonl(copy / "metrics" / "train.jsonl")
     assert [r["step"] for r in records] == [1, 2, 3, 4]
+
+
+def test_a_transient_read_error_stops_the_resume_and_deletes_nothing(
+    seg_run, tmp_path, monkeypatch
+):
+    """An I/O error reading checkpoint 4 (e.g. NFS): resume fails naming it, deletes nothing."""
+    copy = tmp_path / "copy"
+    shutil.copytree(seg_run, copy)
+    before = sorted(str(p.relative_to(copy)) for p in (copy / "checkpoints").rglob("*"))
+    real_restore = ckpt_lib.ocp.CheckpointManager.restore
+
+    def flaky(self, step, *args, **kwargs):
+        if step == 4:
+            raise OSError(errno.EIO, "Input/output error")
+        return real_restore(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt_lib.ocp.CheckpointManager, "restore", flaky)
+    with pytest.raises(ckpt_lib.CheckpointError, match="cannot read checkpoint .*/4: OSError"):
+        trainer.resume(copy)
+    after = sorted(str(p.relative_to(copy)) for p in (copy / "checkpoints").rglob("*"))
+    assert after == before
 
 
 def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(data_dir, seg_run, tmp_path, monkeypatch):
@@ -311,6 +344,70 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(data_dir, seg_run, tmp_pa
     assert (step, int(state["step"]), meta["iterator"]["step"]) == (3, 3, 3)
     monkeypatch.setattr(trainer, "_jit_train_step", original)
     trainer.resume(run_dir)
+    _assert_same_params(seg_run, run_dir)
+
+
+def test_sigterm_saves_a_checkpoint_like_ctrl_c(data_dir, seg_run, tmp_path, monkeypatch):
+    """SIGTERM (preemption, scancel, docker stop) after step 3: checkpoint 3 is saved, the
+    error carries the resume command, and both handlers are put back."""
+    original = trainer._jit_train_step
+
+    def terminated_after_step_3(*args, **kwargs):
+        step_fn = original(*args, **kwargs)
+        calls = []
+
+        def call(state, batch):
+            out = step_fn(state, batch)
+            calls.append(1)
+            if len(calls) == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return out
+
+        return call
+
+    monkeypatch.setattr(trainer, "_jit_train_step", terminated_after_step_3)
+    run_dir = tmp_path / "terminated"
+    with pytest.raises(trainer.TrainingInterrupted) as info:
+        trainer.train(config_lib.load(seg_run / "config.json"), run_dir=run_dir)
+    assert (info.value.step, info.value.signum) == (3, signal.SIGTERM)
+    assert f"resume with: imgx train --resume {run_dir}" in str(info.value)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    mngr = ckpt_lib.manager(run_dir, read_only=True)
+    assert sorted(mngr.all_steps()) == [2, 3]
+    assert ckpt_lib.read_meta(mngr, 3)["iterator"]["step"] == 3
+
+
+def test_a_second_ctrl_c_during_validation_leaves_it_pending(seg_run, tmp_path, monkeypatch):
+    """Two Ctrl-C inside step 2's validation: checkpoint 2 records no validation (log, early
+    stopping, best) and says it is pending; the resume validates step 2 first and ends as the
+    straight run."""
+    original = evaluation.Validator.run
+
+    def interrupted(self, state, step):
+        if step == 2:
+            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)  # the second one stops at once
+        return original(self, state, step)
+
+    monkeypatch.setattr(evaluation.Validator, "run", interrupted)
+    run_dir = tmp_path / "interrupted"
+    with pytest.raises(trainer.TrainingInterrupted) as info:
+        trainer.train(config_lib.load(seg_run / "config.json"), run_dir=run_dir)
+    assert info.value.step == 2
+    mngr = ckpt_lib.manager(run_dir, read_only=True)
+    assert sorted(mngr.all_steps()) == [2]
+    meta = ckpt_lib.read_meta(mngr, 2)
+    assert meta["validation_pending"] is True
+    assert meta["best"] == {"step": None, "valid_dice": None}
+    assert meta["early_stopping"]["best_step"] is None and meta["early_stopping"]["bad"] == 0
+    assert mngr.metrics(2) is None or ckpt_lib.METRIC_KEY not in mngr.metrics(2)
+    assert runs.read_jsonl(run_dir / "metrics" / "valid.jsonl") == []
+    monkeypatch.setattr(evaluation.Validator, "run", original)
+    trainer.resume(run_dir)
+    valid = runs.read_jsonl(run_dir / "metrics" / "valid.jsonl")
+    assert valid == runs.read_jsonl(seg_run / "metrics" / "valid.jsonl")
+    assert [r["step"] for r in valid] == [2, 4]
     _assert_same_params(seg_run, run_dir)
 
 

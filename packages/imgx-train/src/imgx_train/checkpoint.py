@@ -8,13 +8,19 @@ A checkpoint holds two items:
 
 orbax writes each step into a temporary folder and renames it when complete, so a process
 killed during a save leaves no checkpoint that restore would pick: the last complete one is
-used. The last `keep` checkpoints are kept, and the best one by the validation metric
-(higher is better; of equal values the earliest step, as `valid.jsonl` readers pick it) is
-kept as well. A full disk during a save is a `RunError` saying so.
+used. A resume never deletes a checkpoint: it passes over a step only when reading it proves
+the step corrupt (a missing file, metadata that is not JSON, damaged array data; see
+`corruption_reason`), says so, and moves it aside to `checkpoints/corrupt-<step>-<time>/`
+before writing that step again; any other read error stops the resume. The last `keep`
+checkpoints are kept, and the best one by the validation metric (higher is better; of equal
+values the earliest step, as `valid.jsonl` readers pick it) is kept as well. A full disk
+during a save is a `RunError` saying so.
 """
 
 from __future__ import annotations
 
+import datetime
+import json
 import logging
 import math
 import os
@@ -101,7 +107,7 @@ def save(
             metrics=metrics,
             force=True,
         )
-    except OSError as e:
+    except Exception as e:
         _raise_if_disk_full(mngr, e)
         raise
 
@@ -110,15 +116,37 @@ def wait(mngr: ocp.CheckpointManager) -> None:
     """Waits for the save in progress; a full disk there is a `RunError`."""
     try:
         mngr.wait_until_finished()
-    except OSError as e:
+    except Exception as e:
         _raise_if_disk_full(mngr, e)
         raise
 
 
-def _raise_if_disk_full(mngr: ocp.CheckpointManager, error: OSError) -> None:
+# tensorstore reports a full disk as a ValueError without an errno, e.g. `UNKNOWN: Error
+# writing local file "...": [OS error 28: No space left on device]`.
+_DISK_FULL_MARKERS = ("no space left on device", "enospc", "os error 28", "errno 28")
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """`runs.is_disk_full`, or an exception in the chain whose message says ENOSPC."""
     if runs.is_disk_full(error):
+        return True
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if any(m in str(current).lower() for m in _DISK_FULL_MARKERS):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def _raise_if_disk_full(mngr: ocp.CheckpointManager, error: BaseException) -> None:
+    """A full disk is a `RunError`; the unfinished step stays in orbax's temporary folder
+    (`<step>.orbax-checkpoint-tmp*`), which no restore lists."""
+    if is_disk_full(error):
         directory = Path(str(mngr.directory))
-        raise runs.disk_full_error(error.filename or directory, directory.parent) from error
+        path = getattr(error, "filename", None) or directory
+        raise runs.disk_full_error(path, directory.parent) from error
 
 
 def kill_during_save(step: int) -> None:
@@ -149,42 +177,156 @@ def _abstract(state: Any) -> Any:
 def restore(
     mngr: ocp.CheckpointManager, step: int | None, target_state: Any
 ) -> tuple[int, Any, dict[str, Any]]:
-    """Restores `step` (None = the latest) with the shapes and shardings of `target_state`.
-
-    A checkpoint that cannot be read (e.g. corrupted files) is skipped with a warning and
-    the previous one is tried, unless a specific step was asked for.
+    """Restores `step` (None = the latest readable one, see `restore_latest`) with the shapes
+    and shardings of `target_state`.
 
     Returns:
       (step, state, meta).
     """
+    if step is None:
+        step, state, meta, _ = restore_latest(mngr, target_state)
+        return step, state, meta
+    steps = sorted(mngr.all_steps())
+    if step not in steps:
+        raise CheckpointError(
+            f"no checkpoint for step {step} in {mngr.directory}; available: {steps}"
+        )
+    return step, *_restore_step(mngr, step, _abstract(target_state))
+
+
+def restore_latest(
+    mngr: ocp.CheckpointManager, target_state: Any
+) -> tuple[int, Any, dict[str, Any], dict[int, str]]:
+    """Restores the latest checkpoint, passing over those that are provably corrupt.
+
+    A step is passed over (with a warning naming it and the reason) only when reading it
+    fails in a way that proves it incomplete or corrupt, see `corruption_reason`; nothing is
+    deleted or changed on disk. Any other failure (an I/O error, out of memory, a timeout) is
+    a `CheckpointReadError` for that step, not a reason to go back to an older one.
+
+    Returns:
+      (step, state, meta, skipped): `skipped` maps each newer step passed over to why.
+    """
     steps = sorted(mngr.all_steps(), reverse=True)
     if not steps:
         raise CheckpointError(f"no checkpoint in {mngr.directory}")
-    candidates = [step] if step is not None else steps
-    if step is not None and step not in steps:
-        raise CheckpointError(
-            f"no checkpoint for step {step} in {mngr.directory}; available: {sorted(steps)}"
-        )
     abstract = _abstract(target_state)
-    last_error: Exception | None = None
-    for candidate in candidates:
+    skipped: dict[int, str] = {}
+    for candidate in steps:
         try:
-            restored = mngr.restore(
-                candidate,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
-                ),
-            )
-            return candidate, restored["state"], dict(restored["meta"])
-        except Exception as e:
+            state, meta = _restore_step(mngr, candidate, abstract)
+        except CorruptCheckpointError as e:
+            skipped[candidate] = e.reason
             logger.warning(
-                "checkpoint %s/%d is unreadable, trying the previous one (%s)",
+                "checkpoint %s/%d is corrupt (%s): it is kept on disk and the previous one "
+                "is tried",
                 mngr.directory,
                 candidate,
-                e,
+                e.reason,
             )
-            last_error = e
-    raise CheckpointError(f"no readable checkpoint in {mngr.directory}: last error {last_error}")
+            continue
+        return candidate, state, meta, skipped
+    reasons = "; ".join(f"step {s}: {r}" for s, r in skipped.items())
+    raise CheckpointError(f"no readable checkpoint in {mngr.directory} ({reasons})")
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A checkpoint step that is provably incomplete or corrupt (see `corruption_reason`)."""
+
+    def __init__(self, directory: Any, step: int, reason: str):
+        super().__init__(f"checkpoint {directory}/{step} is corrupt: {reason}")
+        self.step = step
+        self.reason = reason
+
+
+class CheckpointReadError(CheckpointError):
+    """A checkpoint could not be read for a reason that does not prove it corrupt."""
+
+
+# tensorstore's status codes (the message's prefix) that a read of local files only gives
+# for missing or damaged data; others (UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED,
+# an OS error, ...) may pass.
+_CORRUPT_TS_CODES = ("NOT_FOUND:", "DATA_LOSS:", "OUT_OF_RANGE:")
+_CORRUPT_TS_MARKERS = ("Data corruption detected", "Error decoding")
+
+
+def corruption_reason(error: BaseException) -> str | None:
+    """Why `error`, raised reading a checkpoint, proves the step corrupt; None if it does not.
+
+    Proof is a missing file (`FileNotFoundError`, tensorstore's NOT_FOUND, an item folder
+    missing), metadata that is not JSON, or array data that tensorstore reports as truncated
+    (OUT_OF_RANGE) or undecodable (DATA_LOSS, "Data corruption detected", "Error
+    decoding"). Unfinalized steps (a save cut short) are never listed by orbax at all.
+    """
+    if isinstance(error, FileNotFoundError):
+        return f"a file is missing ({error})"
+    if isinstance(error, (json.JSONDecodeError, UnicodeDecodeError)):
+        return f"a metadata file is not valid JSON ({error})"
+    message = str(error)
+    if isinstance(error, KeyError) and "was not found in the checkpoint" in message:
+        return f"an item is missing ({error.args[0] if error.args else message})"
+    if type(error) is ValueError and (
+        message.startswith(_CORRUPT_TS_CODES) or any(m in message for m in _CORRUPT_TS_MARKERS)
+    ):
+        return f"array data is missing or damaged ({_first_line(message)})"
+    return None
+
+
+def _first_line(message: str, limit: int = 300) -> str:
+    line = message.split(" [tensorstore_spec", 1)[0].splitlines()[0] if message else ""
+    return line if len(line) <= limit else line[:limit] + "..."
+
+
+def _restore_step(mngr: ocp.CheckpointManager, step: int, abstract: Any):
+    """(state, meta) of `step`; a `CorruptCheckpointError` or `CheckpointReadError`."""
+    try:
+        restored = mngr.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
+            ),
+        )
+    except Exception as e:
+        reason = corruption_reason(e)
+        if reason is not None:
+            raise CorruptCheckpointError(mngr.directory, step, reason) from e
+        raise CheckpointReadError(
+            f"cannot read checkpoint {mngr.directory}/{step}: {type(e).__name__}: "
+            f"{_first_line(str(e))}. This does not show the checkpoint is damaged (e.g. a "
+            "network file system, memory or time-out problem), so it is used as is and "
+            "nothing was changed: fix the cause and resume again"
+        ) from e
+    return restored["state"], dict(restored["meta"])
+
+
+def set_aside(mngr: ocp.CheckpointManager, step: int, reason: str) -> Path:
+    """Moves corrupt checkpoint `step` to `checkpoints/corrupt-<step>-<time>/` (kept, never
+    deleted) so that a resumed run can write that step again; returns the new folder.
+
+    On several hosts the main process moves it and every process then sees it gone.
+    """
+    directory = Path(str(mngr.directory))
+    target = None
+    if jax.process_index() == 0:
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        target = directory / f"corrupt-{step}-{stamp}"
+        i = 1
+        while target.exists():
+            target = directory / f"corrupt-{step}-{stamp}-{i}"
+            i += 1
+        (directory / str(step)).rename(target)
+        logger.warning(
+            "checkpoint %s/%d is corrupt (%s): moved to %s (delete it yourself once you no "
+            "longer need it); this run writes step %d again",
+            directory,
+            step,
+            reason,
+            target,
+            step,
+        )
+    ocp.multihost.sync_global_processes(f"imgx_set_aside_{step}")
+    mngr.reload()
+    return target or directory / f"corrupt-{step}"
 
 
 def read_meta(mngr: ocp.CheckpointManager, step: int) -> dict[str, Any] | None:

@@ -6,13 +6,15 @@ gradients across devices (and hosts). Keys are `fold_in(seed_key, step)`, and th
 order is a pure function of (seed, step), so a resumed run sees exactly the batches and
 keys it would have seen.
 
-A Ctrl-C is acted on between steps: the state and its step advance together, and the
-checkpoint saved on the way out holds the last completed step (a second Ctrl-C stops at
-once). A full disk is a `RunError` naming the file, never a bare traceback.
+A Ctrl-C or a SIGTERM is acted on between steps: the state and its step advance together,
+and the checkpoint saved on the way out holds the last completed step (a second one stops
+at once; a validation it cuts short is not recorded and runs again on resume). A full
+disk is a `RunError` naming the file, never a bare traceback.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -43,12 +45,16 @@ logger = logging.getLogger(__name__)
 
 
 class TrainingInterrupted(Exception):
-    """Ctrl-C during training: a checkpoint was saved; `run_dir` resumes it."""
+    """Ctrl-C or SIGTERM during training: a checkpoint was saved; `run_dir` resumes it.
 
-    def __init__(self, run_dir: Path, step: int):
+    `signum` is the signal that asked to stop (None when not known).
+    """
+
+    def __init__(self, run_dir: Path, step: int, signum: int | None = None):
         super().__init__(f"interrupted at step {step}; resume with: imgx train --resume {run_dir}")
         self.run_dir = run_dir
         self.step = step
+        self.signum = signum
 
 
 @dataclasses.dataclass
@@ -90,37 +96,57 @@ class EarlyStopping:
 
 
 class _DeferredInterrupt:
-    """Turns a Ctrl-C (SIGINT) into a request that the loop acts on between steps.
+    """Turns a Ctrl-C (SIGINT) or a SIGTERM (preemption, `scancel`, `docker stop`) into a
+    request that the loop acts on between steps.
 
     An interrupt inside the jitted step would lose its result after the input state was
-    donated, or leave the new state labelled with the old step. A second Ctrl-C raises
-    `KeyboardInterrupt` at once. Only the main thread can own the handler; elsewhere, and
-    when SIGINT is ignored (e.g. `nohup`), nothing changes.
+    donated, or leave the new state labelled with the old step. A second signal raises
+    `KeyboardInterrupt` at once, except inside `atomic()`, where it is raised on leaving.
+    Only the main thread can own the handlers; elsewhere, and for a signal that is ignored
+    (e.g. SIGINT under `nohup`), nothing changes.
     """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.requested = False
-        self._previous: Any = None
-        self._installed = False
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+        self._atomic = False
+        self._stop_now = False
 
     def _handle(self, signum, frame) -> None:
-        if self.requested:
+        if not self.requested:
+            self.requested, self.signum = True, signum
+        elif self._atomic:
+            self._stop_now = True
+        else:
             raise KeyboardInterrupt
-        self.requested = True
+
+    @contextlib.contextmanager
+    def atomic(self):
+        """A block that a second signal does not cut short (it stops right after it)."""
+        self._atomic = True
+        try:
+            yield
+        finally:
+            self._atomic = False
+        if self._stop_now:
+            raise KeyboardInterrupt
 
     def __enter__(self) -> _DeferredInterrupt:
         if threading.current_thread() is threading.main_thread():
-            previous = signal.getsignal(signal.SIGINT)
-            if previous is not signal.SIG_IGN:
-                self._previous = signal.default_int_handler if previous is None else previous
-                signal.signal(signal.SIGINT, self._handle)
-                self._installed = True
+            for signum in self.SIGNALS:
+                previous = signal.getsignal(signum)
+                if previous is not signal.SIG_IGN:
+                    self._previous[signum] = signal.SIG_DFL if previous is None else previous
+                    signal.signal(signum, self._handle)
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        if self._installed:
-            signal.signal(signal.SIGINT, self._previous)
-            self._installed = False
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous = {}
 
 
 def accumulation_steps(global_batch: int, num_devices: int, max_per_device: int | None) -> int:
@@ -141,8 +167,10 @@ def accumulation_steps(global_batch: int, num_devices: int, max_per_device: int 
 _FAULT_ENV = "IMGX_FAULT_INJECTION"
 
 
-def _fault_point(point: str, step: int) -> None:
-    """Test hook: `IMGX_FAULT_INJECTION=step:<n>` kills the process after the update of step n.
+def _fault_point(point: str, step: int, mngr=None) -> None:
+    """Test hook: `IMGX_FAULT_INJECTION=step:<n>` kills the process after the update of step n,
+    once the checkpoint saves already started (asynchronous) are committed, so what is on
+    disk at the kill does not depend on timing.
 
     `save:<n>` kills it in the middle of saving step n's checkpoint, after its files are
     written and before it is committed (`checkpoint.kill_during_save`, installed by
@@ -152,6 +180,8 @@ def _fault_point(point: str, step: int) -> None:
     """
     fault = os.environ.get(_FAULT_ENV)
     if fault == f"{point}:{step}":
+        if mngr is not None:
+            mngr.wait_until_finished()
         os.kill(os.getpid(), signal.SIGKILL)
     elif point == "step" and fault == f"interrupt:{step}":
         os.kill(os.getpid(), signal.SIGINT)
@@ -346,19 +376,19 @@ def _train(
     # The best validation so far (the earliest of equal values), kept with each checkpoint.
     best: dict[str, Any] = {"step": None, "valid_dice": None}
     if resuming and mngr.all_steps():
-        start, state, saved = ckpt_lib.restore(mngr, None, state)
-        # Every process continues from process 0's step, even where a host could read a
-        # step that process 0 could not (or the other way round).
-        agreed = distributed.broadcast_from_main(start)
+        start, state, saved, skipped = ckpt_lib.restore_latest(mngr, state)
+        # Every process continues from process 0's step and sets aside what it found
+        # corrupt, even where a host could read a step that process 0 could not.
+        agreed, skipped_on_main = distributed.broadcast_from_main([start, sorted(skipped.items())])
         if start != agreed:
             start, state, saved = ckpt_lib.restore(mngr, agreed, state)
+        skipped = dict(skipped_on_main)
         iterator.set_state(saved["iterator"])
         stopper.load_json(saved["early_stopping"])
         best = saved.get("best", best)
-        # Later steps could not be read (restore passed over them): this run rewrites them.
-        for later in sorted(s for s in mngr.all_steps() if s > start):
-            logger.warning("deleting unreadable checkpoint %s/%d", mngr.directory, later)
-            mngr.delete(later)
+        # Newer steps proven corrupt: kept, moved out of the way of this run's saves.
+        for later, reason in sorted(skipped.items()):
+            ckpt_lib.set_aside(mngr, later, reason)
         if main:
             print(f"resumed {run_dir} at step {start}", flush=True)
     train_log.truncate_after(start)
@@ -369,6 +399,13 @@ def _train(
     wandb_run = _init_wandb(cfg, run_dir, resuming)
     schedule = optim.learning_rate_schedule(cfg.optimizer)
 
+    def eval_due(step: int) -> bool:
+        return step % cfg.train.eval_every == 0 or step == cfg.train.steps
+
+    # The last step whose validation is recorded (log, early stopping, best): a second
+    # interrupt can stop a validation, and that step's checkpoint then says it is pending.
+    validated = {"step": None}
+
     def meta(step: int) -> dict[str, Any]:
         # One batch per step, so the iterator's position is the step (also when a second
         # Ctrl-C stopped `next` after it had advanced).
@@ -376,14 +413,36 @@ def _train(
             "iterator": {**iterator.get_state(), "step": step},
             "early_stopping": stopper.to_json(),
             "best": best,
+            "validation_pending": eval_due(step) and validated["step"] != step,
         }
+
+    def validate(step: int) -> tuple[float, bool]:
+        """Validates `step` and records it; returns (Dice, whether early stopping ends it)."""
+        nonlocal best
+        summary = validator.run(state, step)  # a second interrupt stops it: nothing recorded
+        with interrupt.atomic():  # recorded all together or not at all
+            valid_log.write({"step": step, **summary})
+            if wandb_run is not None:
+                wandb_run.log({f"valid/{k}": v for k, v in summary.items()}, step=step)
+            valid_dice = summary["dice"]
+            if math.isfinite(valid_dice) and (
+                best["valid_dice"] is None or valid_dice > best["valid_dice"]
+            ):
+                best = {"step": step, "valid_dice": float(valid_dice)}
+            stop = stopper.update(valid_dice, step)
+            validated["step"] = step
+        return valid_dice, stop
 
     progress = _Progress(cfg.logging.progress, start, cfg.train.steps, enabled=main)
     step, last_time, last_step = start, time.perf_counter(), start
     interrupt = _DeferredInterrupt()
+    stop = False
     try:
         with interrupt:
-            while step < cfg.train.steps:
+            if resuming and start and saved.get("validation_pending"):
+                # A second interrupt stopped this step's validation: it runs now.
+                _, stop = validate(start)
+            while step < cfg.train.steps and not stop:
                 # Ctrl-C or SIGTERM on any host stops all of them before the same step,
                 # so that they all join the same checkpoint save.
                 if distributed.any_process(interrupt.requested):
@@ -405,35 +464,24 @@ def _train(
                 progress.update(step, 1, record)
 
                 valid_dice = None
-                stop = False
-                if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
-                    summary = validator.run(state, step)
-                    valid_dice = summary["dice"]
-                    valid_log.write({"step": step, **summary})
-                    if wandb_run is not None:
-                        wandb_run.log({f"valid/{k}": v for k, v in summary.items()}, step=step)
-                    if math.isfinite(valid_dice) and (
-                        best["valid_dice"] is None or valid_dice > best["valid_dice"]
-                    ):
-                        best = {"step": step, "valid_dice": float(valid_dice)}
-                    stop = stopper.update(valid_dice, step)
+                if eval_due(step):
+                    valid_dice, stop = validate(step)
                 if valid_dice is not None or step % cfg.train.checkpoint_every == 0:
                     ckpt_lib.save(mngr, step, state, meta(step), valid_dice=valid_dice)
-                _fault_point("step", step)
-                if stop:
-                    print(
-                        f"early stopping at step {step}: no improvement of the validation "
-                        f"Dice for {stopper.patience} validations (best {stopper.best:.4f} "
-                        f"at step {stopper.best_step})",
-                        flush=True,
-                    )
-                    break
+                _fault_point("step", step, mngr)
     except KeyboardInterrupt:
         progress.close()
-        saved = _save_on_interrupt(mngr, state, meta)
-        raise TrainingInterrupted(run_dir, saved) from None
+        saved_step = _save_on_interrupt(mngr, state, meta)
+        raise TrainingInterrupted(run_dir, saved_step, interrupt.signum) from None
     finally:
         progress.close()
+    if stop:
+        print(
+            f"early stopping at step {step}: no improvement of the validation "
+            f"Dice for {stopper.patience} validations (best {stopper.best:.4f} "
+            f"at step {stopper.best_step})",
+            flush=True,
+        )
     _save_final(mngr, step, state, meta)
     mngr.close()
     if wandb_run is not None:
