@@ -9,6 +9,7 @@ once into a temporary data dir.
 import errno
 import json
 import logging
+import os
 import shutil
 import signal
 import sys
@@ -410,3 +411,11 @@ def test_ema_of_parameters(data_dir):
         np.testing.assert_allclose(
             np.asarray(e), 0.75 * np.asarray(p0) + 0.25 * np.asarray(p1), rtol=1e-6, atol=1e-7
         )
+
+
+def test_a_run_in_use_is_not_resumed(seg_run):
+    before = (seg_run / "metrics" / "train.jsonl").read_text()
+    with runs.locked(seg_run):
+        with pytest.raises(runs.RunError, match=f"in use by pid {os.getpid()} on host"):
+            trainer.resume(seg_run, steps=100)
+    assert (seg_run / "metrics" / "train.jsonl").read_text() == before

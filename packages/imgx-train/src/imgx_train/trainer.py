@@ -13,6 +13,7 @@ once). A full disk is a `RunError` naming the file, never a bare traceback.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -257,12 +258,13 @@ class _Progress:
 
 
 def train(cfg: config_lib.Config, *, run_dir: str | Path | None = None) -> Path:
-    """Trains a new run and returns its directory (see the run layout in the README)."""
-    run_dir = Path(run_dir) if run_dir is not None else runs.new_run_dir(cfg)
-    if (run_dir / "config.json").exists():
-        raise FileExistsError(
-            f"{run_dir} already holds a run; continue it with: imgx train --resume {run_dir}"
-        )
+    """Trains a new run and returns its directory (see the run layout in the README).
+
+    Without `run_dir`, a new `runs/<time>-<data>-<task>` folder is made for it.
+    """
+    run_dir = Path(run_dir) if run_dir is not None else None
+    if run_dir is not None:
+        _check_new(run_dir)
     return _run(cfg, run_dir)
 
 
@@ -275,6 +277,13 @@ def resume(run_dir: str | Path, *, steps: int | None = None) -> Path:
     return _run(cfg, run_dir, resuming=True)
 
 
+def _check_new(run_dir: Path) -> None:
+    if (run_dir / "config.json").exists():
+        raise FileExistsError(
+            f"{run_dir} already holds a run; continue it with: imgx train --resume {run_dir}"
+        )
+
+
 def _jit_train_step(cfg, task, tx, num_micro: int, replicated: NamedSharding):
     """The train step jitted for the mesh; the input state's buffers are donated."""
     return jax.jit(
@@ -285,19 +294,26 @@ def _jit_train_step(cfg, task, tx, num_micro: int, replicated: NamedSharding):
     )
 
 
-def _run(cfg: config_lib.Config, run_dir: Path, resuming: bool = False) -> Path:
+def _run(cfg: config_lib.Config, run_dir: Path | None, resuming: bool = False) -> Path:
+    """Trains in `run_dir` (a new folder when None) while holding the run's lock."""
     devices.setup(cfg)
     _install_fault_hooks()
-    runs.check_writable(run_dir)
+    runs.check_writable(run_dir if run_dir is not None else Path("runs"))
     # The data before the run directory: a dataset that is not built leaves nothing behind.
     info = imgx_data.ensure_built(cfg.data.name, data_dir=cfg.data.data_dir)
+    if run_dir is None:
+        run_dir = runs.new_run_dir(cfg)
     runs.prepare(run_dir)
-    try:
-        return _train(cfg, run_dir, info, resuming)
-    except OSError as e:
-        if runs.is_disk_full(e) and not isinstance(e, runs.RunError):
-            raise runs.disk_full_error(e.filename or run_dir, run_dir) from e
-        raise
+    # Only the main process locks: the others of a multi-host run share its folder.
+    with runs.locked(run_dir) if devices.is_main_process() else contextlib.nullcontext():
+        if not resuming:
+            _check_new(run_dir)  # again under the lock: another `train` may have won the race
+        try:
+            return _train(cfg, run_dir, info, resuming)
+        except OSError as e:
+            if runs.is_disk_full(e) and not isinstance(e, runs.RunError):
+                raise runs.disk_full_error(e.filename or run_dir, run_dir) from e
+            raise
 
 
 def _train(
