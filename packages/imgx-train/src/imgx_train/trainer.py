@@ -262,6 +262,7 @@ def train(cfg: config_lib.Config, *, run_dir: str | Path | None = None) -> Path:
 
     Without `run_dir`, a new `runs/<time>-<data>-<task>` folder is made for it.
     """
+    config_lib.validate(cfg)
     run_dir = Path(run_dir) if run_dir is not None else None
     if run_dir is not None:
         _check_new(run_dir)
@@ -271,9 +272,10 @@ def train(cfg: config_lib.Config, *, run_dir: str | Path | None = None) -> Path:
 def resume(run_dir: str | Path, *, steps: int | None = None) -> Path:
     """Continues a run from its last complete checkpoint, up to `steps` in total."""
     run_dir = runs.check_run_dir(run_dir)
-    cfg = config_lib.load(run_dir / "config.json")
+    cfg = config_lib.load(run_dir / "config.json")  # validated: a hand edit is checked here
     if steps is not None:
         cfg = config_lib.replace(cfg, {"train.steps": steps})
+        config_lib.validate(cfg)
     return _run(cfg, run_dir, resuming=True)
 
 
