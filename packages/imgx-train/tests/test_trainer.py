@@ -422,3 +422,21 @@ def test_a_run_in_use_is_not_resumed(seg_run):
         with pytest.raises(runs.RunError, match=f"in use by pid {os.getpid()} on host"):
             trainer.resume(seg_run, steps=100)
     assert (seg_run / "metrics" / "train.jsonl").read_text() == before
+
+
+def test_every_host_of_a_multi_host_run_gets_process_0s_new_folder(tmp_path, monkeypatch):
+    made = tmp_path / "runs" / "20260102-030405-phantom-seg"
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(runs, "new_run_dir", lambda cfg: made)
+    sent = []
+
+    def broadcast_one_to_all(x):  # what process 0 sends is what every process gets
+        sent.append(x if not sent else sent[0])
+        return sent[0]
+
+    monkeypatch.setattr(trainer.multihost_utils, "broadcast_one_to_all", broadcast_one_to_all)
+    cfg = config_lib.Config()
+    assert trainer._new_run_dir(cfg) == made  # process 0
+    monkeypatch.setattr(trainer.devices, "is_main_process", lambda: False)
+    monkeypatch.setattr(runs, "new_run_dir", lambda cfg: pytest.fail("only process 0 makes it"))
+    assert trainer._new_run_dir(cfg) == made  # another host

@@ -44,7 +44,10 @@ def disk_full_error(path: str | Path, run_dir: str | Path | None = None) -> RunE
     return RunError(f"cannot write {path}: the disk is full (no space left on device){resume}")
 
 
-def new_run_dir(cfg: config_lib.Config, root: str | Path = "runs") -> Path:
+RUNS_ROOT = Path("runs")
+
+
+def new_run_dir(cfg: config_lib.Config, root: str | Path = RUNS_ROOT) -> Path:
     """Creates and returns `runs/<YYYYmmdd-HHMMSS>-<data>-<task>[-<n>]`.
 
     The folder is made here, without `exist_ok`: two processes that start in the same

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -279,6 +280,21 @@ def resume(run_dir: str | Path, *, steps: int | None = None) -> Path:
     return _run(cfg, run_dir, resuming=True)
 
 
+def _new_run_dir(cfg: config_lib.Config) -> Path:
+    """A new run folder made by process 0, whose name every process of the run then uses.
+
+    Each host would otherwise pick a name of its own (its own clock, and the folder that
+    process 0 already made taken), and the hosts would write into different folders.
+    """
+    if jax.process_count() == 1:
+        return runs.new_run_dir(cfg)
+    name = str(runs.new_run_dir(cfg)).encode() if devices.is_main_process() else b""
+    encoded = np.zeros(4096, np.uint8)
+    encoded[: len(name)] = np.frombuffer(name, np.uint8)
+    shared = multihost_utils.broadcast_one_to_all(encoded)
+    return Path(bytes(np.asarray(shared, np.uint8)).rstrip(b"\0").decode())
+
+
 def _check_new(run_dir: Path) -> None:
     if (run_dir / "config.json").exists():
         raise FileExistsError(
@@ -300,11 +316,11 @@ def _run(cfg: config_lib.Config, run_dir: Path | None, resuming: bool = False) -
     """Trains in `run_dir` (a new folder when None) while holding the run's lock."""
     devices.setup(cfg)
     _install_fault_hooks()
-    runs.check_writable(run_dir if run_dir is not None else Path("runs"))
+    runs.check_writable(run_dir if run_dir is not None else runs.RUNS_ROOT)
     # The data before the run directory: a dataset that is not built leaves nothing behind.
     info = imgx_data.ensure_built(cfg.data.name, data_dir=cfg.data.data_dir)
     if run_dir is None:
-        run_dir = runs.new_run_dir(cfg)
+        run_dir = _new_run_dir(cfg)
     runs.prepare(run_dir)
     # Only the main process locks: the others of a multi-host run share its folder.
     with runs.locked(run_dir) if devices.is_main_process() else contextlib.nullcontext():
