@@ -1,10 +1,12 @@
 """Config schema, dotted-key overrides, presets and the JSON round trip."""
 
+import json
+
 import pytest
 
 import imgx_data
 from imgx_train import config as config_lib
-from imgx_train import presets, tasks
+from imgx_train import presets, runs, tasks, trainer
 
 
 def test_parse_overrides_keeps_commas_inside_brackets():
@@ -142,3 +144,63 @@ def test_ema_is_off_by_default_and_0999_when_on(tmp_path):
     assert (off.optimizer.ema, off.optimizer.ema_decay) == (False, None)
     config_lib.save(on, tmp_path / "config.json")
     assert config_lib.load(tmp_path / "config.json") == on
+
+
+# A hand-edited config.json and `--set` go through the same checks (config.validate).
+BAD_VALUES = [
+    # (key, value in config.json, the same as --set text, what the message says is allowed)
+    ("train.task", "sge", "sge", "choose one of seg, diffusion"),
+    ("train.eval_every", 0, "0", "at least 1"),
+    ("train.keep_checkpoints", 0, "0", "at least 1"),
+    ("train.keep_checkpoints", -2, "-2", "at least 1"),
+    ("optimizer.peak_lr", float("nan"), "nan", "finite number > 0"),
+    ("optimizer.peak_lr", 0.0, "0", "finite number > 0"),
+    ("diffusion.beta_schedule", "cosinus", "cosinus", "linear, quadratic, cosine"),
+    ("data.eval_batch_size", 0, "0", "at least 1"),
+    ("eval.num_steps", 0, "0", "at least 1"),
+]
+
+
+def _write_config(path, key, value):
+    data = config_lib.to_dict(presets.make_config("phantom"))
+    section, field = key.split(".")
+    data[section][field] = value
+    path.write_text(json.dumps(data))  # NaN is written as the JSON extension NaN
+    return path
+
+
+@pytest.mark.parametrize(("key", "value", "text", "allowed"), BAD_VALUES)
+def test_hand_edited_config_json_is_validated_on_load(tmp_path, key, value, text, allowed):
+    path = _write_config(tmp_path / "config.json", key, value)
+    with pytest.raises(config_lib.ConfigError) as info:
+        config_lib.load(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: {key}=")
+    assert repr(value) in message and allowed in message
+
+
+@pytest.mark.parametrize(("key", "value", "text", "allowed"), BAD_VALUES)
+def test_set_overrides_are_validated(key, value, text, allowed):
+    with pytest.raises(config_lib.ConfigError) as info:
+        presets.make_config("phantom", overrides=f"{key}={text}")
+    assert f"{key}={value!r}" in str(info.value) and allowed in str(info.value)
+
+
+def test_wrong_types_in_config_json_name_the_file_and_dotted_key(tmp_path):
+    path = _write_config(tmp_path / "config.json", "train.steps", "many")
+    with pytest.raises(config_lib.ConfigError, match=r"config.json: train.steps: expected an int"):
+        config_lib.load(path)
+    path.write_text('{"train": 5}')
+    with pytest.raises(config_lib.ConfigError, match="train must be a JSON object"):
+        config_lib.load(path)
+    path.write_text('{"train": ')
+    with pytest.raises(config_lib.ConfigError, match="config.json: not valid JSON"):
+        config_lib.load(path)
+
+
+def test_resume_and_describe_run_check_the_saved_config(tmp_path):
+    _write_config(tmp_path / "config.json", "train.eval_every", 0)
+    for read in (trainer.resume, runs.describe_run):
+        with pytest.raises(config_lib.ConfigError, match="train.eval_every=0"):
+            read(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]  # nothing written

@@ -148,8 +148,10 @@ def test_existing_run_dir_is_not_overwritten(seg_run):
         trainer.train(cfg, run_dir=seg_run)
 
 
-def _step_setup(data_dir, extra=""):
+def _step_setup(data_dir, extra="", unchecked=None):
     cfg = _config(data_dir, "diffusion", extra)
+    if unchecked:  # values `validate` rejects, to reach the step as if they got there
+        cfg = config_lib.replace(cfg, unchecked)
     info = imgx_data.dataset_info("phantom", data_dir=data_dir)
     task = tasks.Task(cfg, info)
     tx = optim.optimizer(cfg.optimizer)
@@ -233,8 +235,9 @@ def test_gradient_accumulation_keeps_the_effective_batch(data_dir):
 
 def test_non_finite_gradients_skip_the_update(data_dir):
     # The on-device rescaling turns non-finite intensities into finite ones, so a NaN
-    # loss weight is what makes the gradient non-finite here.
-    cfg, task, tx, batch = _step_setup(data_dir, "loss.focal=NaN")
+    # loss weight (which a config never passes validation with) makes the gradient
+    # non-finite here.
+    cfg, task, tx, batch = _step_setup(data_dir, unchecked={"loss.focal": float("nan")})
     mesh_devices = jax.devices()[:1]
     state = trainer.init_state(cfg, task, tx)
     new_state, metrics = _run_step(cfg, task, tx, batch, mesh_devices)
@@ -507,3 +510,11 @@ def test_ema_of_parameters(data_dir):
         np.testing.assert_allclose(
             np.asarray(e), 0.75 * np.asarray(p0) + 0.25 * np.asarray(p1), rtol=1e-6, atol=1e-7
         )
+
+
+def test_a_run_in_use_is_not_resumed(seg_run):
+    before = (seg_run / "metrics" / "train.jsonl").read_text()
+    with runs.locked(seg_run):
+        with pytest.raises(runs.RunError, match=f"in use by pid {os.getpid()} on host"):
+            trainer.resume(seg_run, steps=100)
+    assert (seg_run / "metrics" / "train.jsonl").read_text() == before

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -370,18 +371,24 @@ def parse_overrides(text: str | dict[str, Any] | None) -> dict[str, Any]:
     return out
 
 
-def from_dict(data: dict[str, Any], cls: type = Config) -> Any:
-    """Rebuilds a config from `to_dict` output; unknown keys are an error."""
+def from_dict(data: dict[str, Any], cls: type = Config, _prefix: str = "") -> Any:
+    """Rebuilds a config from `to_dict` output; unknown keys and wrong types are errors.
+
+    Only the types are checked here; `load` also runs `validate`.
+    """
+    if not isinstance(data, dict):
+        where = f"{_prefix.rstrip('.')} " if _prefix else ""
+        raise ConfigError(f"{where}must be a JSON object of {cls.__name__} fields, got {data!r}")
     hints = _field_types(cls)
     kwargs = {}
     for key, value in data.items():
         if key not in hints:
-            raise ConfigError(f"unknown config key {key!r} for {cls.__name__}")
+            raise ConfigError(f"unknown config key {_prefix + key!r} for {cls.__name__}")
         annotation = hints[key]
         if dataclasses.is_dataclass(annotation):
-            kwargs[key] = from_dict(value, annotation)
+            kwargs[key] = from_dict(value, annotation, f"{_prefix}{key}.")
         else:
-            kwargs[key] = _coerce(value, annotation, key)
+            kwargs[key] = _coerce(value, annotation, _prefix + key)
     return cls(**kwargs)
 
 
@@ -393,4 +400,161 @@ def save(config: Config, path: str | Path) -> None:
 
 
 def load(path: str | Path) -> Config:
-    return from_dict(json.loads(Path(path).read_text()))
+    """Reads and validates a `config.json` (a hand-edited one is checked like `--set`).
+
+    Raises:
+      ConfigError: unreadable JSON, an unknown key, a wrong type or a value `validate`
+        rejects; the message starts with the file.
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e}); fix the file") from None
+    try:
+        cfg = from_dict(data)
+        validate(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}; fix the file") from None
+    return cfg
+
+
+TASKS = ("seg", "diffusion")
+CHOICES: dict[str, tuple[str, ...]] = {
+    "train.task": TASKS,
+    "diffusion.strategy": (
+        "standard",
+        "recycle_next",
+        "recycle_last",
+        "self_cond_same",
+        "self_cond_next",
+    ),
+    "diffusion.model_output": ("x0", "epsilon", "v"),
+    "diffusion.variance": ("fixed_small", "fixed_large", "learned_range"),
+    "diffusion.timestep_sampler": ("importance", "uniform"),
+    "diffusion.beta_schedule": ("linear", "quadratic", "cosine"),
+    "loss.mse_target": ("output", "epsilon"),
+    "data.shift_unit": ("fraction", "voxel"),
+    "eval.sampler": ("ddpm", "ddim"),
+    "model.skip": ("add", "concat"),
+    "model.dtype": ("auto", "float32", "bfloat16", "float16"),
+    "logging.wandb": ("offline", "online", "disabled"),
+}
+# Counts of at least 1 (None allowed where the field is optional); tuples: every entry.
+POSITIVE = (
+    "data.global_batch_size",
+    "data.eval_batch_size",
+    "data.max_batch_per_device",
+    "data.patch_shape",
+    "model.num_channels",
+    "model.kernel_size",
+    "model.patch_size",
+    "model.scale_factor",
+    "model.num_heads",
+    "model.widening_factor",
+    "optimizer.decay_steps",
+    "train.steps",
+    "train.eval_every",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.early_stopping_patience",
+    "train.max_valid_cases",
+    "eval.num_steps",
+    "eval.num_samples",
+    "logging.log_every",
+)
+NON_NEGATIVE = (
+    "data.inference_overlap",
+    "data.rotation",
+    "data.zoom",
+    "data.shear",
+    "data.shift",
+    "data.gamma",
+    "model.num_res_blocks",
+    "model.num_transformer_layers",
+    "loss.dice",
+    "loss.cross_entropy",
+    "loss.focal",
+    "loss.focal_gamma",
+    "loss.mse",
+    "loss.vlb",
+    "loss.aux",
+    "optimizer.init_lr",
+    "optimizer.end_lr",
+    "optimizer.warmup_steps",
+    "optimizer.weight_decay",
+    "train.early_stopping_min_delta",
+    "eval.eta",
+    "eval.num_overlays",
+)
+# Finite numbers in [low, high), or [low, high] where the flag is True.
+RANGES: dict[str, tuple[float, float, bool]] = {
+    "data.foreground_oversampling": (0.0, 1.0, True),
+    "data.probability": (0.0, 1.0, True),
+    "model.dropout": (0.0, 1.0, False),
+    "diffusion.beta_start": (0.0, 1.0, False),
+    "diffusion.beta_end": (0.0, 1.0, False),
+    "optimizer.b1": (0.0, 1.0, False),
+    "optimizer.b2": (0.0, 1.0, False),
+}
+STRICTLY_POSITIVE_NUMBERS = ("optimizer.peak_lr", "optimizer.clip_norm", "eval.tolerance_mm")
+
+
+def validate(cfg: Config) -> None:
+    """Checks what the types alone do not: choices, counts, finite and in-range numbers.
+
+    Run on every config that is made (`presets.make_config`, the `--set` path) and loaded
+    (`load`, so `resume`, `evaluate`, `predict` and `describe_run`), so that a bad value
+    stops the command at once instead of training the wrong task or failing mid-run.
+
+    Raises:
+      ConfigError: naming the key, the bad value and what is allowed.
+    """
+    values = flatten(cfg)
+
+    def bad(key: str, allowed: str) -> ConfigError:
+        return ConfigError(f"{key}={values[key]!r} is not valid; {allowed}")
+
+    for key, allowed in CHOICES.items():
+        if values[key] not in allowed:
+            raise bad(key, f"choose one of {', '.join(allowed)}")
+    checkpoint = cfg.eval.checkpoint
+    if checkpoint not in ("best", "last") and not checkpoint.isdigit():
+        raise bad("eval.checkpoint", "choose best, last or a step number")
+
+    def numbers(key: str) -> tuple[Any, ...]:
+        value = values[key]
+        return () if value is None else value if isinstance(value, tuple) else (value,)
+
+    for key in POSITIVE:
+        if any(not math.isfinite(v) or v < 1 for v in numbers(key)):
+            raise bad(key, "it must be at least 1")
+        if key == "model.num_channels" and not numbers(key):
+            raise bad(key, "give at least one level, e.g. [32,64,128,256]")
+    for key in NON_NEGATIVE:
+        if any(not math.isfinite(v) or v < 0 for v in numbers(key)):
+            raise bad(key, "it must be a finite number ≥ 0")
+    for key in STRICTLY_POSITIVE_NUMBERS:
+        if any(not math.isfinite(v) or v <= 0 for v in numbers(key)):
+            raise bad(key, "it must be a finite number > 0")
+    for key, (low, high, closed) in RANGES.items():
+        value = values[key]
+        below_high = value <= high if closed else value < high
+        if not (math.isfinite(value) and low <= value and below_high):
+            raise bad(key, f"it must lie in [{low}, {high}{']' if closed else ')'}")
+    decay = cfg.optimizer.ema_decay
+    if decay is not None and not 0.0 <= decay < 1.0:
+        raise bad("optimizer.ema_decay", "it must lie in [0, 1) (the spec's value is 0.999)")
+    d = cfg.diffusion
+    if d.num_timesteps < 2:
+        raise bad("diffusion.num_timesteps", "it must be at least 2")
+    if not 2 <= d.num_train_steps <= d.num_timesteps:
+        raise bad(
+            "diffusion.num_train_steps",
+            f"it must lie in [2, diffusion.num_timesteps={d.num_timesteps}]",
+        )
+    if d.variance == "learned_range" and cfg.loss.vlb <= 0:
+        raise ConfigError(
+            "diffusion.variance=learned_range needs loss.vlb > 0: nothing else trains the "
+            "variance (e.g. --set loss.vlb=1)"
+        )

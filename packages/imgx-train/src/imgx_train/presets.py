@@ -159,8 +159,6 @@ NAMED_PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
-TASKS = ("seg", "diffusion")
-
 
 def make_config(
     data: str = "phantom",
@@ -194,59 +192,5 @@ def make_config(
         updates["train.task"] = task
     updates.update(config_lib.parse_overrides(overrides))
     cfg = config_lib.replace(config_lib.Config(), updates)
-    validate(cfg)
+    config_lib.validate(cfg)
     return cfg
-
-
-def validate(cfg: config_lib.Config) -> None:
-    """Checks choices that the type alone does not constrain."""
-    choices = {
-        "train.task": (cfg.train.task, TASKS),
-        "diffusion.strategy": (
-            cfg.diffusion.strategy,
-            ("standard", "recycle_next", "recycle_last", "self_cond_same", "self_cond_next"),
-        ),
-        "diffusion.model_output": (cfg.diffusion.model_output, ("x0", "epsilon", "v")),
-        "diffusion.variance": (
-            cfg.diffusion.variance,
-            ("fixed_small", "fixed_large", "learned_range"),
-        ),
-        "diffusion.timestep_sampler": (cfg.diffusion.timestep_sampler, ("importance", "uniform")),
-        "diffusion.beta_schedule": (
-            cfg.diffusion.beta_schedule,
-            ("linear", "quadratic", "cosine"),
-        ),
-        "loss.mse_target": (cfg.loss.mse_target, ("output", "epsilon")),
-        "data.shift_unit": (cfg.data.shift_unit, ("fraction", "voxel")),
-        "eval.sampler": (cfg.eval.sampler, ("ddpm", "ddim")),
-        "model.skip": (cfg.model.skip, ("add", "concat")),
-        "model.dtype": (cfg.model.dtype, ("auto", "float32", "bfloat16", "float16")),
-        "logging.wandb": (cfg.logging.wandb, ("offline", "online", "disabled")),
-    }
-    for key, (value, allowed) in choices.items():
-        if value not in allowed:
-            raise config_lib.ConfigError(
-                f"{key}={value!r} is not valid; choose one of {', '.join(allowed)}"
-            )
-    positive = {
-        "train.steps": cfg.train.steps,
-        "data.global_batch_size": cfg.data.global_batch_size,
-        "data.eval_batch_size": cfg.data.eval_batch_size,
-        "train.eval_every": cfg.train.eval_every,
-        "train.checkpoint_every": cfg.train.checkpoint_every,
-        "logging.log_every": cfg.logging.log_every,
-        "eval.num_samples": cfg.eval.num_samples,
-    }
-    for key, value in positive.items():
-        if value < 1:
-            raise config_lib.ConfigError(f"{key} must be at least 1, got {value}")
-    decay = cfg.optimizer.ema_decay
-    if decay is not None and not 0.0 <= decay < 1.0:
-        raise config_lib.ConfigError(
-            f"optimizer.ema_decay must lie in [0, 1), got {decay} (the spec's value is 0.999)"
-        )
-    if cfg.diffusion.variance == "learned_range" and cfg.loss.vlb <= 0:
-        raise config_lib.ConfigError(
-            "diffusion.variance=learned_range needs loss.vlb > 0: nothing else trains the "
-            "variance (e.g. --set loss.vlb=1)"
-        )

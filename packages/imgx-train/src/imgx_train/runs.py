@@ -1,12 +1,16 @@
-"""Run directories: creation, `runs/latest`, metrics JSONL files, run description."""
+"""Run directories: creation, locking, `runs/latest`, metrics JSONL files, description."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import errno
+import fcntl
 import json
 import math
 import os
+import socket
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,15 +45,78 @@ def disk_full_error(path: str | Path, run_dir: str | Path | None = None) -> RunE
     return RunError(f"cannot write {path}: the disk is full (no space left on device){resume}")
 
 
-def new_run_dir(cfg: config_lib.Config, root: str | Path = "runs") -> Path:
-    """`runs/<YYYYmmdd-HHMMSS>-<data>-<task>`, unique even when two start in one second."""
+RUNS_ROOT = Path("runs")
+
+
+def new_run_dir(cfg: config_lib.Config, root: str | Path = RUNS_ROOT) -> Path:
+    """Creates and returns `runs/<YYYYmmdd-HHMMSS>-<data>-<task>[-<n>]`.
+
+    The folder is made here, without `exist_ok`: two processes that start in the same
+    second race for the name in `mkdir`, which only one wins; the other takes the next
+    suffix. So no two runs ever share a folder.
+    """
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    base = Path(root) / f"{stamp}-{cfg.data.name}-{cfg.train.task}"
-    path, i = base, 1
-    while path.exists():
-        path = base.with_name(f"{base.name}-{i}")
-        i += 1
-    return path
+    root = Path(root)
+    base = f"{stamp}-{cfg.data.name}-{cfg.train.task}"
+    i = 0
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        while True:
+            path = root / (base if i == 0 else f"{base}-{i}")
+            try:
+                path.mkdir()
+                return path
+            except FileExistsError:
+                i += 1
+    except OSError as e:
+        reason = "the disk is full" if e.errno == errno.ENOSPC else e.strerror
+        raise RunError(f"cannot create a run directory in {root}: {reason}") from e
+
+
+LOCK_NAME = ".lock"
+
+
+@contextlib.contextmanager
+def locked(run_dir: str | Path) -> Iterator[Path]:
+    """Holds `<run>/.lock` while the body writes into the run; yields the lock file.
+
+    The lock is an exclusive `fcntl.flock` on the file, which holds the holder's pid and
+    host. The kernel drops it when the holder exits, however it exits (also `kill -9`),
+    so a lock file left by a dead process does not block: only the flock state counts,
+    never the file's existence. The file itself stays (unlinking it would let a process
+    that opened the old file and one that creates a new one both hold "the" lock).
+
+    Raises:
+      RunError: another process holds the lock; the message names its pid and host.
+    """
+    path = Path(run_dir) / LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise RunError(f"cannot create the lock file {path}: {e.strerror}") from e
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunError(
+                f"run {run_dir} is in use by {_lock_holder(fd)} (lock {path}); "
+                "wait for it or stop it"
+            ) from None
+        holder = {"pid": os.getpid(), "host": socket.gethostname()}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
+        yield path
+    finally:
+        os.close(fd)  # releases the flock
+
+
+def _lock_holder(fd: int) -> str:
+    """`pid 1234 on host h` from a held lock file (what its holder wrote)."""
+    try:
+        holder = json.loads(os.pread(fd, 4096, 0).decode())
+        return f"pid {int(holder['pid'])} on host {holder['host']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process (it has not written its pid yet)"
 
 
 def check_writable(run_dir: Path) -> None:

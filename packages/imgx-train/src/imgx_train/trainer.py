@@ -293,28 +293,34 @@ class _Progress:
 def train(cfg: config_lib.Config, *, run_dir: str | Path | None = None) -> Path:
     """Trains a new run and returns its directory (see the run layout in the README).
 
-    With several processes, process 0 names the new run folder and decides whether it
-    already holds a run, so that all of them train into one folder.
+    Without `run_dir`, a new `runs/<time>-<data>-<task>` folder is made for it. With
+    several processes, process 0 makes it and decides whether a given folder already
+    holds a run, so that all of them train into one folder.
     """
+    config_lib.validate(cfg)
     devices.setup(cfg)
-    if run_dir is None:
-        new = str(runs.new_run_dir(cfg)) if devices.is_main_process() else None
-        run_dir = distributed.broadcast_from_main(new)
-    run_dir = Path(run_dir)
-    if distributed.broadcast_from_main((run_dir / "config.json").exists()):
-        raise FileExistsError(
-            f"{run_dir} already holds a run; continue it with: imgx train --resume {run_dir}"
-        )
+    run_dir = Path(run_dir) if run_dir is not None else None
+    if run_dir is not None:
+        _check_new(run_dir)
     return _run(cfg, run_dir)
 
 
 def resume(run_dir: str | Path, *, steps: int | None = None) -> Path:
     """Continues a run from its last complete checkpoint, up to `steps` in total."""
     run_dir = runs.check_run_dir(run_dir)
-    cfg = config_lib.load(run_dir / "config.json")
+    cfg = config_lib.load(run_dir / "config.json")  # validated: a hand edit is checked here
     if steps is not None:
         cfg = config_lib.replace(cfg, {"train.steps": steps})
+        config_lib.validate(cfg)
     return _run(cfg, run_dir, resuming=True)
+
+
+def _check_new(run_dir: Path) -> None:
+    # Decided by process 0: another host may already have written this run's config.json.
+    if distributed.broadcast_from_main((run_dir / "config.json").exists()):
+        raise FileExistsError(
+            f"{run_dir} already holds a run; continue it with: imgx train --resume {run_dir}"
+        )
 
 
 def _jit_train_step(cfg, task, tx, num_micro: int, replicated: NamedSharding):
@@ -327,19 +333,28 @@ def _jit_train_step(cfg, task, tx, num_micro: int, replicated: NamedSharding):
     )
 
 
-def _run(cfg: config_lib.Config, run_dir: Path, resuming: bool = False) -> Path:
+def _run(cfg: config_lib.Config, run_dir: Path | None, resuming: bool = False) -> Path:
+    """Trains in `run_dir` (a new folder when None) while holding the run's lock."""
     devices.setup(cfg)
     _install_fault_hooks()
-    runs.check_writable(run_dir)
+    runs.check_writable(run_dir if run_dir is not None else runs.RUNS_ROOT)
     # The data before the run directory: a dataset that is not built leaves nothing behind.
     info = imgx_data.ensure_built(cfg.data.name, data_dir=cfg.data.data_dir)
+    if run_dir is None:
+        # Made by process 0 (each host would pick a name from its own clock).
+        new = str(runs.new_run_dir(cfg)) if devices.is_main_process() else None
+        run_dir = Path(distributed.broadcast_from_main(new))
     runs.prepare(run_dir)
-    try:
-        return _train(cfg, run_dir, info, resuming)
-    except OSError as e:
-        if runs.is_disk_full(e) and not isinstance(e, runs.RunError):
-            raise runs.disk_full_error(e.filename or run_dir, run_dir) from e
-        raise
+    # Only the main process locks: the others of a multi-host run share its folder.
+    with runs.locked(run_dir) if devices.is_main_process() else contextlib.nullcontext():
+        if not resuming:
+            _check_new(run_dir)  # again under the lock: another `train` may have won the race
+        try:
+            return _train(cfg, run_dir, info, resuming)
+        except OSError as e:
+            if runs.is_disk_full(e) and not isinstance(e, runs.RunError):
+                raise runs.disk_full_error(e.filename or run_dir, run_dir) from e
+            raise
 
 
 def _train(
