@@ -3,6 +3,8 @@
 import csv
 import json
 import math
+import os
+import stat
 from functools import partial
 from pathlib import Path
 
@@ -195,19 +197,19 @@ def test_failed_write_keeps_the_previous_file(tmp_path, rows, monkeypatch, failu
     before = path.read_bytes()
 
     temporaries = []
-    real_mkstemp = reports.tempfile.mkstemp
+    real_open = os.open
 
-    def recording_mkstemp(*args, **kwargs):
-        fd, name = real_mkstemp(*args, **kwargs)
+    def recording_open(name, *args, **kwargs):
+        fd = real_open(name, *args, **kwargs)
         temporaries.append(Path(name))
-        return fd, name
+        return fd
 
     def full_disk(fd):
         # The new content has reached the temporary file (flushed), the rename is next.
         assert temporaries[-1].stat().st_size > 0
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(reports.tempfile, "mkstemp", recording_mkstemp)
+    monkeypatch.setattr(reports.os, "open", recording_open)
     if failure.endswith("fsync"):
         monkeypatch.setattr(reports.os, "fsync", full_disk)
     with pytest.raises(ValueError if failure == "csv_at_row_2" else OSError):
@@ -215,6 +217,23 @@ def test_failed_write_keeps_the_previous_file(tmp_path, rows, monkeypatch, failu
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left
     assert len(temporaries) == 1 and temporaries[0].parent == tmp_path
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_written_files_honour_the_umask(tmp_path, rows, umask):
+    """Results are readable as any file the user writes: mode 0o666 less the umask (a
+    temporary file from `tempfile.mkstemp` would be 0o600 whatever the umask)."""
+    previous = os.umask(umask)
+    try:
+        csv_path = write_per_case_csv(tmp_path / "per_case.csv", rows, CLASSES)
+        json_path = write_summary_json(tmp_path / "summary.json", summarize(rows, CLASSES))
+        image, reference, prediction = _phantom_3d()
+        png_path = tmp_path / "overlay.png"
+        save_overlay(png_path, image, reference, prediction, class_names=CLASSES)
+    finally:
+        os.umask(previous)
+    for path in (csv_path, json_path, png_path):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path.name
 
 
 def _phantom_3d():

@@ -26,7 +26,7 @@ import json
 import math
 import os
 import re
-import tempfile
+import secrets
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -177,10 +177,15 @@ def summarize(rows: Sequence[Mapping[str, Any]], class_names: Sequence[str]) -> 
 
 
 def _atomic_write(path: str | os.PathLike, write: Callable[[io.IOBase], None], mode: str) -> Path:
-    """Writes ``path`` through ``write(file)`` on a temporary file, then renames it."""
+    """Writes ``path`` through ``write(file)`` on a temporary file, then renames it.
+
+    The temporary file is created with mode 0o666 less the umask, as `open` would create
+    ``path`` (`tempfile.mkstemp` makes it 0o600, which the renamed result would keep).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, mode, **({"newline": ""} if "b" not in mode else {})) as f:
             write(f)
