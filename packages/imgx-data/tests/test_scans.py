@@ -123,9 +123,10 @@ def test_prepare_scan_checks_channels(tmp_path):
 
 def test_prepare_scan_2d_image_for_a_3d_model(tmp_path):
     one_slice = Geometry.identity((12, 10, 1), (1.0, 1.0, 1.0))
-    write_image(tmp_path / "flat.nii.gz", np.ones((12, 10, 1), np.float32), one_slice)
+    ramp = np.arange(120).reshape(12, 10)
+    write_image(tmp_path / "flat.nii.gz", ramp[..., None].astype(np.float32), one_slice)
     png = Geometry.identity((12, 10), (1.0, 1.0))
-    write_image(tmp_path / "flat.png", np.ones((12, 10), np.uint8), png)
+    write_image(tmp_path / "flat.png", ramp.astype(np.uint8), png)
     args = {"spacing": (1.0, 1.0, 1.0), "num_channels": 1, "intensity": "percentile"}
     with pytest.raises(DatasetError) as error:
         imgx_data.prepare_scan([tmp_path / "flat.nii.gz"], **args)
