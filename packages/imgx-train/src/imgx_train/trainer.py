@@ -402,8 +402,6 @@ def _train(
     valid_log = runs.JsonlWriter(run_dir / "metrics" / "valid.jsonl", enabled=main)
 
     start = 0
-    # The best validation so far (the earliest of equal values), kept with each checkpoint.
-    best: dict[str, Any] = {"step": None, "valid_dice": None}
     if resuming and mngr.all_steps():
         start, state, saved, skipped = ckpt_lib.restore_latest(mngr, state)
         # Every process continues from process 0's step and sets aside what it found
@@ -414,7 +412,6 @@ def _train(
         skipped = dict(skipped_on_main)
         iterator.set_state(saved["iterator"])
         stopper.load_json(saved["early_stopping"])
-        best = saved.get("best", best)
         # Newer steps proven corrupt: kept, moved out of the way of this run's saves.
         for later, reason in sorted(skipped.items()):
             ckpt_lib.set_aside(mngr, later, reason)
@@ -443,7 +440,7 @@ def _train(
     def eval_due(step: int) -> bool:
         return step % cfg.train.eval_every == 0 or step == cfg.train.steps
 
-    # The last step whose validation is recorded (log, early stopping, best): a second
+    # The last step whose validation is recorded (log, early stopping): a second
     # interrupt can stop a validation, and that step's checkpoint then says it is pending.
     validated = {"step": None}
 
@@ -453,23 +450,17 @@ def _train(
         return {
             "iterator": {**iterator.get_state(), "step": step},
             "early_stopping": stopper.to_json(),
-            "best": best,
             "validation_pending": eval_due(step) and validated["step"] != step,
         }
 
     def validate(step: int) -> tuple[float, bool]:
         """Validates `step` and records it; returns (Dice, whether early stopping ends it)."""
-        nonlocal best
         summary = validator.run(state, step)  # a second interrupt stops it: nothing recorded
         with interrupt.atomic():  # recorded all together or not at all
             valid_log.write({"step": step, **summary})
             if wandb_run is not None:
                 wandb_run.log({f"valid/{k}": v for k, v in summary.items()}, step=step)
             valid_dice = summary["dice"]
-            if math.isfinite(valid_dice) and (
-                best["valid_dice"] is None or valid_dice > best["valid_dice"]
-            ):
-                best = {"step": step, "valid_dice": float(valid_dice)}
             stop = stopper.update(valid_dice, step)
             validated["step"] = step
         return valid_dice, stop
