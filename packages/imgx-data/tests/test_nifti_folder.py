@@ -176,6 +176,15 @@ def _nonfinite_nifti(name, value):
     return change
 
 
+def _constant(name, value):
+    def change(raw):
+        path = raw / "imagesTr" / name
+        array, geometry = imgx_data.read_image(path)
+        write_image(path, np.full_like(array, value), geometry)
+
+    return change
+
+
 def _nan_mha(raw):
     # Other formats (here MetaImage, which keeps NaN) are checked on ITK's array.
     for path in sorted((raw / "imagesTr").glob("*.nii.gz")) + sorted((raw / "labelsTr").glob("*")):
@@ -246,6 +255,11 @@ BAD_FOLDERS = [
         _nonfinite_nifti("case003_0001.nii.gz", np.inf),
         r"imagesTr/case003_0001.nii.gz: 1 NaN or infinite values in the raw NIfTI data",
         id="NIfTI inf",
+    ),
+    pytest.param(
+        _constant("case002_0001.nii.gz", 0),
+        r"imagesTr/case002_0001.nii.gz: every voxel has the value 0: a constant image",
+        id="constant",
     ),
     pytest.param(
         _splits({"train": ["case000", "nope"]}), r"splits.json: case 'nope'", id="splits unknown"

@@ -143,3 +143,10 @@ def test_build_with_other_parameters_needs_overwrite(tmp_path):
         imgx_data.build("phantom", data_dir=tmp_path, **other)
     with pytest.raises(imgx_data.DatasetError, match=r"unknown build option\(s\) spacing"):
         imgx_data.build("phantom", data_dir=tmp_path, spacing=(1, 1))
+
+
+def test_build_output_in_a_log_file_has_no_progress_bars(tmp_path, capfd):
+    """Not a terminal (a log file): plain lines, no carriage returns or escape codes."""
+    imgx_data.build("phantom", data_dir=tmp_path, split_sizes=(2, 1, 1))
+    out, err = capfd.readouterr()
+    assert "\r" not in out + err and "\x1b" not in out + err

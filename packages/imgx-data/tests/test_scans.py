@@ -92,8 +92,22 @@ def test_prepare_scan_resamples_and_restores(tmp_path):
     np.testing.assert_array_equal(restored, label)
 
 
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [(0.0, "every voxel has the value 0: a constant image"), (np.nan, "NaN or infinite")],
+)
+def test_prepare_scan_refuses_a_constant_or_non_finite_image(tmp_path, value, message):
+    """Normalised, either would be an image of zeros and a confident prediction of nothing."""
+    write_image(tmp_path / "s.mha", np.full(GEOMETRY.shape, value, np.float32), GEOMETRY)
+    with pytest.raises(DatasetError, match=f"s.mha: .*{message}"):
+        imgx_data.prepare_scan(
+            [tmp_path / "s.mha"], spacing=(1, 1, 1), num_channels=1, intensity="percentile"
+        )
+
+
 def test_prepare_scan_checks_channels(tmp_path):
-    write_image(tmp_path / "s.nii.gz", np.ones(GEOMETRY.shape, np.float32), GEOMETRY)
+    image = np.random.default_rng(0).normal(size=GEOMETRY.shape).astype(np.float32)
+    write_image(tmp_path / "s.nii.gz", image, GEOMETRY)
     path = str(tmp_path / "s.nii.gz")
     with pytest.raises(
         DatasetError, match="s.nii.gz: case .* has 1 image channels, the model takes 2"
@@ -109,9 +123,10 @@ def test_prepare_scan_checks_channels(tmp_path):
 
 def test_prepare_scan_2d_image_for_a_3d_model(tmp_path):
     one_slice = Geometry.identity((12, 10, 1), (1.0, 1.0, 1.0))
-    write_image(tmp_path / "flat.nii.gz", np.ones((12, 10, 1), np.float32), one_slice)
+    ramp = np.arange(120).reshape(12, 10)
+    write_image(tmp_path / "flat.nii.gz", ramp[..., None].astype(np.float32), one_slice)
     png = Geometry.identity((12, 10), (1.0, 1.0))
-    write_image(tmp_path / "flat.png", np.ones((12, 10), np.uint8), png)
+    write_image(tmp_path / "flat.png", ramp.astype(np.uint8), png)
     args = {"spacing": (1.0, 1.0, 1.0), "num_channels": 1, "intensity": "percentile"}
     with pytest.raises(DatasetError) as error:
         imgx_data.prepare_scan([tmp_path / "flat.nii.gz"], **args)

@@ -6,7 +6,7 @@ import pytest
 
 import imgx_data
 from imgx_train import config as config_lib
-from imgx_train import presets, runs, tasks, trainer
+from imgx_train import evaluation, presets, tasks, trainer
 
 
 def test_parse_overrides_keeps_commas_inside_brackets():
@@ -200,7 +200,7 @@ def test_wrong_types_in_config_json_name_the_file_and_dotted_key(tmp_path):
 
 def test_resume_and_describe_run_check_the_saved_config(tmp_path):
     _write_config(tmp_path / "config.json", "train.eval_every", 0)
-    for read in (trainer.resume, runs.describe_run):
+    for read in (trainer.resume, evaluation.describe_run):
         with pytest.raises(config_lib.ConfigError, match="train.eval_every=0"):
             read(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]  # nothing written

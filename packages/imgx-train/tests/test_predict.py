@@ -2,6 +2,7 @@
 the ensemble's running sums against closed forms, sliding windows against whole images,
 keys independent of the batch size, and the best checkpoint orbax keeps."""
 
+import json
 import os
 from pathlib import Path
 from types import SimpleNamespace
@@ -14,6 +15,7 @@ import pytest
 import imgx_data
 import imgx_diffusion as idf
 from imgx_train import checkpoint as ckpt_lib
+from imgx_train import config as config_lib
 from imgx_train import evaluation
 from imgx_train.predict import RunningEnsemble, predict
 
@@ -360,8 +362,8 @@ def test_best_step_is_the_checkpoint_orbax_keeps(tmp_path):
     # orbax kept the latest (3) and one of the tied best (1 or 2): the other is deleted.
     kept = sorted(mngr.all_steps())
     assert len(kept) == 2 and kept[-1] == 3 and kept[0] in (1, 2)
-    assert evaluation.best_step(mngr, records) == kept[0]
-    assert ckpt_lib.select_step(mngr, "best", evaluation.best_step(mngr, records)) == kept[0]
+    assert ckpt_lib.best_step(mngr, records) == kept[0]
+    assert ckpt_lib.select_step(mngr, "best", ckpt_lib.best_step(mngr, records)) == kept[0]
     mngr.close()
 
 
@@ -377,6 +379,29 @@ def test_best_step_from_the_validation_log_when_checkpoints_carry_no_metric(tmp_
         {"step": 4, "dice": None},
         {"step": 9, "dice": 0.9},  # no checkpoint kept for it
     ]
-    assert evaluation.best_step(mngr, records) == 2
-    assert evaluation.best_step(mngr, []) is None
+    assert ckpt_lib.best_step(mngr, records) == 2
+    assert ckpt_lib.best_step(mngr, []) is None
+    mngr.close()
+
+
+def test_info_reports_the_best_checkpoint_that_test_restores(tmp_path):
+    """One record of the best checkpoint: `imgx info` names the one `--checkpoint best`
+    restores, also when the best logged validation has no checkpoint any more (here step
+    4, e.g. set aside as corrupt)."""
+    config_lib.save(config_lib.Config(), tmp_path / "config.json")
+    mngr = ckpt_lib.manager(tmp_path, keep=4)
+    for step, dice in ((1, 0.5), (2, 0.8), (3, 0.6)):
+        ckpt_lib.save(mngr, step, {"w": jnp.zeros(2)}, {}, valid_dice=dice)
+        mngr.wait_until_finished()
+    mngr.close()
+    (tmp_path / "metrics").mkdir()
+    records = [{"step": s, "dice": d} for s, d in ((1, 0.5), (2, 0.8), (3, 0.6), (4, 0.9))]
+    (tmp_path / "metrics" / "valid.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in records)
+    )
+    described = evaluation.describe_run(tmp_path)
+    assert described["checkpoints"] == [1, 2, 3]
+    assert described["best"] == {"step": 2, "dice": 0.8}
+    mngr = ckpt_lib.manager(tmp_path, read_only=True)
+    assert ckpt_lib.select_step(mngr, "best", ckpt_lib.best_step(mngr, records)) == 2
     mngr.close()

@@ -463,6 +463,25 @@ def test_early_stopping_ends_the_loop_and_is_recorded(nan_run, capsys):
     assert meta["early_stopping"]["best_step"] == 1 and meta["early_stopping"]["bad"] == 1
 
 
+def test_resume_respects_early_stopping_unless_steps_extend_it(nan_run, tmp_path, capsys):
+    """The run stopped at step 2 of 4: a plain resume trains nothing and says so; a resume
+    with `steps` trains on with patience counted anew (patience 1: it stops at step 3)."""
+    run_dir = tmp_path / "nan"
+    shutil.copytree(nan_run, run_dir, ignore=shutil.ignore_patterns(".lock"))
+    capsys.readouterr()
+    trainer.resume(run_dir)
+    assert "ended by early stopping at step 2" in capsys.readouterr().out
+    assert [r["step"] for r in runs.read_jsonl(run_dir / "metrics" / "train.jsonl")] == [1, 2]
+    assert max(ckpt_lib.manager(run_dir, read_only=True).all_steps()) == 2
+
+    trainer.resume(run_dir, steps=4)
+    out = capsys.readouterr().out
+    assert "resumed" in out and "early stopping at step 3" in out
+    assert [r["step"] for r in runs.read_jsonl(run_dir / "metrics" / "train.jsonl")] == [1, 2, 3]
+    meta = ckpt_lib.read_meta(ckpt_lib.manager(run_dir, read_only=True), 3)
+    assert meta["early_stopping"]["stopped_step"] == 3
+
+
 def test_full_disk_while_training_is_a_clear_error(data_dir, tmp_path, monkeypatch):
     """ENOSPC on the third train.jsonl write: a RunError naming the file, steps 1-2 kept."""
     cfg = _config(data_dir, "seg", "train.eval_every=100")

@@ -89,6 +89,29 @@ class Geometry:
         return image
 
 
+def check_intensities(image: sitk.Image, path: str | Path) -> None:
+    """Raises DatasetError if an image holds NaN/inf values or a channel is constant.
+
+    Intensity normalisation would silently turn either into an image of zeros: nothing to
+    segment, and at prediction time a confident prediction of nothing.
+    """
+    array = sitk.GetArrayViewFromImage(image)
+    finite = np.isfinite(array)
+    if not np.all(finite):
+        count = int(np.size(array) - np.count_nonzero(finite))
+        raise DatasetError(f"{path}: {count} NaN or infinite values; fix or drop the file.")
+    channels = np.reshape(array, (-1, image.GetNumberOfComponentsPerPixel()))
+    for c in range(channels.shape[1]):
+        lo, hi = channels[:, c].min(), channels[:, c].max()
+        if lo == hi:
+            channel = f" (channel {c})" if channels.shape[1] > 1 else ""
+            raise DatasetError(
+                f"{path}: every voxel{channel} has the value {lo:g}: a constant image has "
+                "nothing to segment (normalised, it would become all zeros); fix or drop "
+                "the file."
+            )
+
+
 def check_same_geometry(
     reference: Geometry,
     other: Geometry,

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 import shutil
+import sys
 import tempfile
 import zipfile
 from collections.abc import Iterator
@@ -403,6 +404,9 @@ def build(
                 builder = builder_class(root=raw, data_dir=staging, **options)
             else:
                 builder = builder_class(data_dir=staging, **options)
+            # TFDS' progress bars (carriage returns, escape codes) only on a terminal; in
+            # a log file its plain lines remain.
+            tfds.display_progress_bar(sys.stdout.isatty() and sys.stderr.isatty())
             with tempfile.TemporaryDirectory(prefix="imgx-dl-") as dl:
                 builder.download_and_prepare(
                     download_dir=dl,

@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import SimpleITK as sitk
 
 from imgx_data.errors import DatasetError
 from imgx_data.io import (
     Geometry,
+    check_intensities,
     check_same_geometry,
     compose_channels,
     image_channels,
@@ -192,9 +192,9 @@ def prepare_scan(
     No crop or pad: the whole scan is kept for sliding-window prediction.
 
     Raises:
-        DatasetError: unreadable files, channel grids that disagree, NaN/inf intensities,
-            a channel count or dimension that does not match the dataset, or a single
-            slice (``(x, y, 1)``) for a 3D dataset.
+        DatasetError: unreadable files, channel grids that disagree, NaN/inf or constant
+            intensities, a channel count or dimension that does not match the dataset, or a
+            single slice (``(x, y, 1)``) for a 3D dataset.
     """
     case = case or Path(paths[0]).name
     ndim = len(spacing)
@@ -227,9 +227,7 @@ def prepare_scan(
             check_same_geometry(
                 reference, geometry, case=case, reference_name=str(paths[0]), other_name=str(path)
             )
-        array = sitk.GetArrayViewFromImage(image)
-        if not np.all(np.isfinite(array)):
-            raise DatasetError(f"{path}: NaN or infinite intensities.")
+        check_intensities(image, path)
         images += image_channels(image)
     if reference is None:
         raise DatasetError("prepare_scan needs at least one file.")

@@ -10,10 +10,10 @@ Public API::
 
 from imgx_train import config, metrics, presets, reports
 from imgx_train.config import Config, ConfigError
-from imgx_train.evaluation import evaluate
+from imgx_train.evaluation import describe_run, evaluate
 from imgx_train.predict import predict
 from imgx_train.presets import make_config
-from imgx_train.runs import RunError, describe_run
+from imgx_train.runs import RunError
 from imgx_train.trainer import TrainingInterrupted, resume, train
 
 __version__ = "0.1.0"

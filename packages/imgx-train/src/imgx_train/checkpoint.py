@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import signal
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -337,6 +338,35 @@ def read_meta(mngr: ocp.CheckpointManager, step: int) -> dict[str, Any] | None:
         logger.warning("checkpoint %s/%d: meta is unreadable (%s)", mngr.directory, step, e)
         return None
     return dict(restored["meta"])
+
+
+def best_step(
+    mngr: ocp.CheckpointManager, valid_records: Iterable[dict[str, Any]] = ()
+) -> int | None:
+    """The kept checkpoint with the highest validation Dice (the earliest of equal ones).
+
+    Only checkpoints that still exist are candidates, so `best` never silently falls back
+    to `last` because the step with the highest logged Dice was deleted: the retention
+    policy keeps one best checkpoint (the earliest of equal values), and this is it. The
+    Dice stored with each checkpoint is used; runs whose checkpoints carry none fall back
+    to `metrics/valid.jsonl`, restricted to the kept steps. None when no kept checkpoint
+    was validated. The one record of the best checkpoint: every reader (`imgx test
+    --checkpoint best`, `imgx info`) asks this function.
+    """
+    steps = set(mngr.all_steps())
+    scored = []
+    for step in steps:
+        metrics = mngr.metrics(step)
+        if metrics and metrics.get(METRIC_KEY) is not None:
+            scored.append((float(metrics[METRIC_KEY]), step))
+    if not scored:
+        scored = [
+            (float(r["dice"]), int(r["step"]))
+            for r in valid_records
+            if r.get("dice") is not None and r.get("step") in steps
+        ]
+    scored = [(dice, -step) for dice, step in scored if math.isfinite(dice)]
+    return -max(scored)[1] if scored else None
 
 
 def select_step(mngr: ocp.CheckpointManager, which: str | int, best_step: int | None) -> int:

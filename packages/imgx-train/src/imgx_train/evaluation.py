@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import shutil
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -216,32 +216,6 @@ class RestoredRun:
     step: int
 
 
-def best_step(mngr: Any, valid_records: Iterable[dict[str, Any]] = ()) -> int | None:
-    """The kept checkpoint with the highest validation Dice (the earliest of equal ones).
-
-    Only checkpoints that still exist are candidates, so `best` never silently falls back
-    to `last` because the step with the highest logged Dice was deleted: the retention
-    policy keeps one best checkpoint (the earliest of equal values), and this is it. The
-    Dice stored with each checkpoint is used; runs whose checkpoints carry none fall back
-    to `metrics/valid.jsonl`, restricted to the kept steps. None when no kept checkpoint
-    was validated.
-    """
-    steps = set(mngr.all_steps())
-    scored = []
-    for step in steps:
-        metrics = mngr.metrics(step)
-        if metrics and metrics.get(ckpt_lib.METRIC_KEY) is not None:
-            scored.append((float(metrics[ckpt_lib.METRIC_KEY]), step))
-    if not scored:
-        scored = [
-            (float(r["dice"]), int(r["step"]))
-            for r in valid_records
-            if r.get("dice") is not None and r.get("step") in steps
-        ]
-    scored = [(dice, -step) for dice, step in scored if np.isfinite(dice)]
-    return -max(scored)[1] if scored else None
-
-
 def restore_run(run_dir: str | Path, checkpoint: str | int = "best") -> RestoredRun:
     """Config, task and parameters (EMA if kept) of a run's checkpoint."""
     run_dir = runs.check_run_dir(run_dir)
@@ -251,7 +225,7 @@ def restore_run(run_dir: str | Path, checkpoint: str | int = "best") -> Restored
     task = tasks.Task(cfg, info)
     mngr = ckpt_lib.manager(run_dir, read_only=True)
     records = runs.read_jsonl(run_dir / "metrics" / "valid.jsonl")
-    step = ckpt_lib.select_step(mngr, checkpoint, best_step(mngr, records))
+    step = ckpt_lib.select_step(mngr, checkpoint, ckpt_lib.best_step(mngr, records))
     target = tasks.init_state(cfg, task, optim.optimizer(cfg.optimizer))
     step, state, _ = ckpt_lib.restore(mngr, step, target)
     mngr.close()
@@ -419,3 +393,33 @@ def _write_prediction(folder: Path, uid: str, label: np.ndarray, example: dict) 
     imgx_data.write_image(folder / f"{_safe(uid)}.nii.gz", original, geometry)
     if geometry.ndim == 2:
         imgx_data.write_image(folder / f"{_safe(uid)}.png", original, geometry)
+
+
+def describe_run(run_dir: str | Path) -> dict[str, Any]:
+    """Config, checkpoints, best checkpoint (with its validation) and last logged step of a run."""
+    path = runs.check_run_dir(run_dir)
+    cfg = config_lib.load(path / "config.json")
+    train_records = runs.read_jsonl(path / "metrics" / "train.jsonl")
+    valid_records = runs.read_jsonl(path / "metrics" / "valid.jsonl")
+    steps, best = [], None
+    if (path / "checkpoints").is_dir():
+        mngr = ckpt_lib.manager(path, read_only=True)
+        steps = sorted(mngr.all_steps())
+        # The checkpoint `imgx test --checkpoint best` restores, with its validation.
+        step = ckpt_lib.best_step(mngr, valid_records)
+        mngr.close()
+        if step is not None:
+            logged = [r for r in valid_records if r.get("step") == step]
+            best = logged[-1] if logged else {"step": step}
+    return {
+        "run_dir": str(path),
+        "data": cfg.data.name,
+        "task": cfg.train.task,
+        "strategy": cfg.diffusion.strategy if cfg.train.task == "diffusion" else None,
+        "steps": cfg.train.steps,
+        "last_logged_step": train_records[-1]["step"] if train_records else 0,
+        "last_loss": train_records[-1].get("loss") if train_records else None,
+        "checkpoints": steps,
+        "best": best,
+        "config": config_lib.to_dict(cfg),
+    }

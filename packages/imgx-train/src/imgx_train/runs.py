@@ -216,34 +216,3 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             continue  # a line cut by a crash
     return records
-
-
-def describe_run(run_dir: str | Path) -> dict[str, Any]:
-    """Config, checkpoints, best validation metric and last logged step of a run."""
-    path = check_run_dir(run_dir)
-    cfg = config_lib.load(path / "config.json")
-    ckpt_dir = path / "checkpoints"
-    steps = (
-        sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit())
-        if (ckpt_dir.exists())
-        else []
-    )
-    train_records = read_jsonl(path / "metrics" / "train.jsonl")
-    valid_records = read_jsonl(path / "metrics" / "valid.jsonl")
-    best = max(
-        (r for r in valid_records if r.get("dice") is not None),
-        key=lambda r: r["dice"],
-        default=None,
-    )
-    return {
-        "run_dir": str(path),
-        "data": cfg.data.name,
-        "task": cfg.train.task,
-        "strategy": cfg.diffusion.strategy if cfg.train.task == "diffusion" else None,
-        "steps": cfg.train.steps,
-        "last_logged_step": train_records[-1]["step"] if train_records else 0,
-        "last_loss": train_records[-1].get("loss") if train_records else None,
-        "checkpoints": steps,
-        "best": best,
-        "config": config_lib.to_dict(cfg),
-    }

@@ -79,6 +79,10 @@ class EarlyStopping:
             return True
         return False
 
+    def restart(self) -> None:
+        """Counts patience anew (a stopped run that is extended), keeping the best so far."""
+        self.bad_validations, self.stopped_step = 0, None
+
     def to_json(self) -> dict[str, Any]:
         best = self.best if math.isfinite(self.best) else None
         return {
@@ -306,13 +310,17 @@ def train(cfg: config_lib.Config, *, run_dir: str | Path | None = None) -> Path:
 
 
 def resume(run_dir: str | Path, *, steps: int | None = None) -> Path:
-    """Continues a run from its last complete checkpoint, up to `steps` in total."""
+    """Continues a run from its last complete checkpoint, up to `steps` in total.
+
+    A run that early stopping ended stays ended (it says so and trains nothing) unless
+    `steps` is given: then it trains on, its patience counted anew.
+    """
     run_dir = runs.check_run_dir(run_dir)
     cfg = config_lib.load(run_dir / "config.json")  # validated: a hand edit is checked here
     if steps is not None:
         cfg = config_lib.replace(cfg, {"train.steps": steps})
         config_lib.validate(cfg)
-    return _run(cfg, run_dir, resuming=True)
+    return _run(cfg, run_dir, resuming=True, extend=steps is not None)
 
 
 def _check_new(run_dir: Path) -> None:
@@ -333,7 +341,9 @@ def _jit_train_step(cfg, task, tx, num_micro: int, replicated: NamedSharding):
     )
 
 
-def _run(cfg: config_lib.Config, run_dir: Path | None, resuming: bool = False) -> Path:
+def _run(
+    cfg: config_lib.Config, run_dir: Path | None, resuming: bool = False, extend: bool = False
+) -> Path:
     """Trains in `run_dir` (a new folder when None) while holding the run's lock."""
     devices.setup(cfg)
     _install_fault_hooks()
@@ -350,7 +360,7 @@ def _run(cfg: config_lib.Config, run_dir: Path | None, resuming: bool = False) -
         if not resuming:
             _check_new(run_dir)  # again under the lock: another `train` may have won the race
         try:
-            return _train(cfg, run_dir, info, resuming)
+            return _train(cfg, run_dir, info, resuming, extend)
         except OSError as e:
             if runs.is_disk_full(e) and not isinstance(e, runs.RunError):
                 raise runs.disk_full_error(e.filename or run_dir, run_dir) from e
@@ -358,7 +368,11 @@ def _run(cfg: config_lib.Config, run_dir: Path | None, resuming: bool = False) -
 
 
 def _train(
-    cfg: config_lib.Config, run_dir: Path, info: imgx_data.DatasetInfo, resuming: bool
+    cfg: config_lib.Config,
+    run_dir: Path,
+    info: imgx_data.DatasetInfo,
+    resuming: bool,
+    extend: bool = False,
 ) -> Path:
     main = devices.is_main_process()
     if main:
@@ -388,8 +402,6 @@ def _train(
     valid_log = runs.JsonlWriter(run_dir / "metrics" / "valid.jsonl", enabled=main)
 
     start = 0
-    # The best validation so far (the earliest of equal values), kept with each checkpoint.
-    best: dict[str, Any] = {"step": None, "valid_dice": None}
     if resuming and mngr.all_steps():
         start, state, saved, skipped = ckpt_lib.restore_latest(mngr, state)
         # Every process continues from process 0's step and sets aside what it found
@@ -400,10 +412,21 @@ def _train(
         skipped = dict(skipped_on_main)
         iterator.set_state(saved["iterator"])
         stopper.load_json(saved["early_stopping"])
-        best = saved.get("best", best)
         # Newer steps proven corrupt: kept, moved out of the way of this run's saves.
         for later, reason in sorted(skipped.items()):
             ckpt_lib.set_aside(mngr, later, reason)
+        if stopper.stopped_step is not None and not extend:
+            mngr.close()
+            if main:
+                print(
+                    f"{run_dir} was ended by early stopping at step {stopper.stopped_step} "
+                    f"(best validation Dice at step {stopper.best_step}): not trained further; "
+                    f"to train on: imgx train --resume {run_dir} --steps N",
+                    flush=True,
+                )
+            return run_dir
+        if stopper.stopped_step is not None:
+            stopper.restart()
         if main:
             print(f"resumed {run_dir} at step {start}", flush=True)
     train_log.truncate_after(start)
@@ -417,7 +440,7 @@ def _train(
     def eval_due(step: int) -> bool:
         return step % cfg.train.eval_every == 0 or step == cfg.train.steps
 
-    # The last step whose validation is recorded (log, early stopping, best): a second
+    # The last step whose validation is recorded (log, early stopping): a second
     # interrupt can stop a validation, and that step's checkpoint then says it is pending.
     validated = {"step": None}
 
@@ -427,23 +450,17 @@ def _train(
         return {
             "iterator": {**iterator.get_state(), "step": step},
             "early_stopping": stopper.to_json(),
-            "best": best,
             "validation_pending": eval_due(step) and validated["step"] != step,
         }
 
     def validate(step: int) -> tuple[float, bool]:
         """Validates `step` and records it; returns (Dice, whether early stopping ends it)."""
-        nonlocal best
         summary = validator.run(state, step)  # a second interrupt stops it: nothing recorded
         with interrupt.atomic():  # recorded all together or not at all
             valid_log.write({"step": step, **summary})
             if wandb_run is not None:
                 wandb_run.log({f"valid/{k}": v for k, v in summary.items()}, step=step)
             valid_dice = summary["dice"]
-            if math.isfinite(valid_dice) and (
-                best["valid_dice"] is None or valid_dice > best["valid_dice"]
-            ):
-                best = {"step": step, "valid_dice": float(valid_dice)}
             stop = stopper.update(valid_dice, step)
             validated["step"] = step
         return valid_dice, stop

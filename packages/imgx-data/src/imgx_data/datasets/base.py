@@ -16,6 +16,7 @@ import tensorflow_datasets as tfds
 from imgx_data.errors import DatasetError
 from imgx_data.io import (
     Geometry,
+    check_intensities,
     check_same_geometry,
     compose_channels,
     image_channels,
@@ -264,13 +265,6 @@ def require_dir(path: Path, what: str) -> Path:
     return path
 
 
-def check_finite(array: np.ndarray, path: Path) -> None:
-    """Raises DatasetError if an image holds NaN or infinite values."""
-    if not np.all(np.isfinite(array)):
-        count = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
-        raise DatasetError(f"{path}: {count} NaN or infinite values; fix or drop the file.")
-
-
 def check_label_values(array: np.ndarray, allowed: Sequence[int], path: Path) -> None:
     """Raises DatasetError if a label map holds values outside ``allowed``."""
     values = np.unique(array)
@@ -291,7 +285,7 @@ def read_case(
     """Reads and checks the image channel files and label file of one case.
 
     Checks: files exist and are readable, all grids agree with the label's, intensities
-    are finite, label values are in ``allowed_labels``.
+    are finite and not constant, label values are in ``allowed_labels``.
 
     Returns:
         The (vector, if several channels or a 4D file) float32 image, the uint8 label image
@@ -311,7 +305,7 @@ def read_case(
             reference_name=f"label {label_path}",
             other_name=f"image {path}",
         )
-        check_finite(sitk.GetArrayViewFromImage(image), path)
+        check_intensities(image, path)
         channels += image_channels(image)
     image = compose_channels(channels)
     return image, sitk.Cast(label_image, sitk.sitkUInt8), label_array

@@ -17,12 +17,11 @@ import tensorflow_datasets as tfds
 
 from imgx_data.datasets.base import (
     ImgxBuilder,
-    check_finite,
     preprocess_case,
     require_dir,
 )
 from imgx_data.errors import DatasetError
-from imgx_data.io import Geometry, check_same_geometry, read_sitk_image
+from imgx_data.io import Geometry, check_intensities, check_same_geometry, read_sitk_image
 from imgx_data.preprocess import PNG, PreprocessedCase
 
 # split -> (image folder, annotation folder) below MuscleCNN/.
@@ -93,7 +92,7 @@ class MuscleUs(ImgxBuilder, skip_registration=True):
             reference_name=f"label {mask_path}",
             other_name=f"image {image_path}",
         )
-        check_finite(sitk.GetArrayViewFromImage(image), image_path)
+        check_intensities(image, image_path)
         binary = sitk.GetImageFromArray((sitk.GetArrayViewFromImage(mask) > 0).astype(np.uint8))
         binary.CopyInformation(mask)
         case = preprocess_case(self, sitk.Cast(image, sitk.sitkFloat32), binary, resample=False)

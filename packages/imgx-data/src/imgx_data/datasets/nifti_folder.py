@@ -34,7 +34,6 @@ import tensorflow_datasets as tfds
 from imgx_data.datasets.base import (
     SPLITS,
     ImgxBuilder,
-    check_finite,
     check_label_values,
     check_unique_case_ids,
     preprocess_case,
@@ -44,6 +43,7 @@ from imgx_data.datasets.base import (
 from imgx_data.errors import DatasetError
 from imgx_data.io import (
     Geometry,
+    check_intensities,
     check_same_geometry,
     compose_channels,
     image_channels,
@@ -341,7 +341,7 @@ class NiftiFolder(ImgxBuilder, skip_registration=True):
         channels = []
         for path in case.image_paths:
             image = _read_2d_or_3d(path, ndim)
-            check_finite(sitk.GetArrayViewFromImage(image), path)
+            check_intensities(image, path)
             channels += image_channels(image)
         if len(channels) != self.NUM_CHANNELS:
             raise DatasetError(
