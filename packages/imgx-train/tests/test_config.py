@@ -142,3 +142,12 @@ def test_ema_is_off_by_default_and_0999_when_on(tmp_path):
     assert (off.optimizer.ema, off.optimizer.ema_decay) == (False, None)
     config_lib.save(on, tmp_path / "config.json")
     assert config_lib.load(tmp_path / "config.json") == on
+
+
+@pytest.mark.parametrize("preset", ["melba2023", "dgm4miccai2023"])
+def test_paper_presets_use_the_original_decoder(preset):
+    """The published network (imgx_nets.UNet decoder="original"), its FLOPs and parameters."""
+    assert presets.make_config("muscle_us", preset=preset).model.decoder == "original"
+    assert presets.make_config("muscle_us").model.decoder == "mirrored"
+    with pytest.raises(config_lib.ConfigError, match="mirrored, original"):
+        presets.make_config("phantom", overrides={"model.decoder": "unet"})
