@@ -6,11 +6,15 @@ parameters and optimiser state. Cases (3 classes, float32 unless --dtype):
   3d           batch 1 x 64 x 64 x 32 x 1, segmentation
   diffusion2d  batch 8 x 128 x 128: image + 3 noisy-mask channels + time
   diffusion3d  batch 1 x 64 x 64 x 32: image + 3 noisy-mask channels + time
-Reports compile time, median step time, FLOPs per step (XLA cost analysis) and achieved
-GFLOP/s, as a fraction of the CPU's nominal fp32 peak and of a float32 matmul measured in the
-same run (the machine is shared: the matmul calibrates for contention).
+Each case runs with both decoders of `imgx_nets.UNet` (`--decoders`): "mirrored" (the
+default of imgx-train) and "original" (the published ImgX-DiffSeg network, used by the paper
+presets; the original toolkit's 2D step is 336 GFLOP), so step times compare on the same FLOPs.
+Reports the parameter count, compile time, median step time, FLOPs per step (XLA cost
+analysis) and achieved GFLOP/s, as a fraction of the CPU's nominal fp32 peak and of a float32
+matmul measured in the same run (the machine is shared: the matmul calibrates for contention).
 
-    uv run python bench/bench_unet.py [--steps 10] [--cases 2d,3d] [--quick] [--out f.json]
+    uv run python bench/bench_unet.py [--steps 10] [--cases 2d,3d] [--decoders original]
+        [--quick] [--out f.json]
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ QUICK_SHAPES = {
     "diffusion3d": (1, 32, 32, 16),
 }
 NUM_CLASSES = 3
+DECODERS = imgx_nets.DECODERS
 
 
 def _flops(stage) -> float:
@@ -97,7 +102,9 @@ def make_step(graphdef, optimizer, diffusion: bool):
     return jax.jit(step, donate_argnums=(0, 1))
 
 
-def bench_case(name: str, steps: int, quick: bool, dtype=jnp.float32, remat=False) -> dict:
+def bench_case(
+    name: str, steps: int, quick: bool, dtype=jnp.float32, remat=False, decoder="mirrored"
+) -> dict:
     case = CASES[name]
     shape = QUICK_SHAPES[name] if quick else case["shape"]
     net = imgx_nets.UNet(
@@ -107,6 +114,7 @@ def bench_case(name: str, steps: int, quick: bool, dtype=jnp.float32, remat=Fals
         mask_channels=NUM_CLASSES if case["diffusion"] else 0,
         time_conditioned=case["diffusion"],
         remat=remat,
+        decoder=decoder,
         dtype=dtype,
         rngs=nnx.Rngs(0),
         **PUBLISHED,
@@ -130,7 +138,7 @@ def bench_case(name: str, steps: int, quick: bool, dtype=jnp.float32, remat=Fals
     compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
     if steps == 0:  # --compile-only
-        return {"case": name, "compile_s": compile_s, "trace_s": trace_s}
+        return {"case": name, "decoder": decoder, "compile_s": compile_s, "trace_s": trace_s}
     flops = step_flops(graphdef, optimizer, case["diffusion"], (state, opt_state, batch, keys[0]))
 
     state, opt_state, loss = compiled(state, opt_state, batch, keys[0])  # warm-up
@@ -145,6 +153,7 @@ def bench_case(name: str, steps: int, quick: bool, dtype=jnp.float32, remat=Fals
     gflops = flops / median / 1e9
     return {
         "case": name,
+        "decoder": decoder,
         "shape": list(shape),
         "parameters": imgx_nets.parameter_count(state),
         "compile_s": compile_s,
@@ -156,7 +165,9 @@ def bench_case(name: str, steps: int, quick: bool, dtype=jnp.float32, remat=Fals
     }
 
 
-def cached_compile_s(name: str, quick: bool, dtype: str = "float32") -> float:
+def cached_compile_s(
+    name: str, quick: bool, dtype: str = "float32", decoder: str = "mirrored"
+) -> float:
     """Compile time of the step in a new process whose persistent compilation cache already
     holds it, as for a second `imgx train` with the same shapes: two fresh processes share
     a cache dir, the second one's time is returned."""
@@ -168,6 +179,7 @@ def cached_compile_s(name: str, quick: bool, dtype: str = "float32") -> float:
             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
         )
         command = [sys.executable, __file__, "--compile-only", "--cases", name, "--dtype", dtype]
+        command += ["--decoders", decoder]
         for _ in range(2):
             out = subprocess.run(
                 command + (["--quick"] if quick else []),
@@ -185,15 +197,17 @@ def run(
     cases=tuple(CASES),
     dtype: str = "float32",
     remat: bool = False,
+    decoders=DECODERS,
 ) -> dict:
     steps = steps or (2 if quick else 10)
     reference = matmul_gflops()
     results = []
     for name in cases:
-        r = bench_case(name, steps, quick, jnp.dtype(dtype), remat)
-        r["fraction_of_matmul"] = r["gflops"] / reference
-        r["cached_compile_s"] = cached_compile_s(name, quick, dtype)
-        results.append(r)
+        for decoder in decoders:
+            r = bench_case(name, steps, quick, jnp.dtype(dtype), remat, decoder)
+            r["fraction_of_matmul"] = r["gflops"] / reference
+            r["cached_compile_s"] = cached_compile_s(name, quick, dtype, decoder)
+            results.append(r)
     return {
         "benchmark": "unet_train_step",
         "backend": jax.default_backend(),
@@ -211,12 +225,13 @@ def _table(report: dict) -> str:
     lines = [
         f"backend {report['backend']}, {report['dtype']}, remat={report['remat']}, "
         f"median of {report['steps']} steps; f32 matmul now: {report['matmul_gflops']:.0f} GFLOP/s",
-        f"{'case':<12} {'compile s':>9} {'step s':>8} {'GFLOP':>8} {'GFLOP/s':>8} "
-        f"{'% peak':>7} {'% matmul':>8} {'cached compile s':>16}",
+        f"{'case':<12} {'decoder':<9} {'params':>11} {'compile s':>9} {'step s':>8} "
+        f"{'GFLOP':>8} {'GFLOP/s':>8} {'% peak':>7} {'% matmul':>8} {'cached compile s':>16}",
     ]
     for r in report["results"]:
         lines.append(
-            f"{r['case']:<12} {r['compile_s']:>9.1f} {r['step_s']:>8.3f} "
+            f"{r['case']:<12} {r['decoder']:<9} {r['parameters']:>11,} "
+            f"{r['compile_s']:>9.1f} {r['step_s']:>8.3f} "
             f"{r['gflop_per_step']:>8.1f} {r['gflops']:>8.1f} "
             f"{100 * r['fraction_of_peak']:>6.1f}% {100 * r['fraction_of_matmul']:>7.1f}% "
             f"{r['cached_compile_s']:>16.1f}"
@@ -229,6 +244,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 10)")
     parser.add_argument("--cases", default=",".join(CASES), help="comma-separated cases")
     parser.add_argument("--quick", action="store_true", help="small shapes, 2 steps")
+    parser.add_argument(
+        "--decoders", default=",".join(DECODERS), help="comma-separated UNet decoders"
+    )
     parser.add_argument("--dtype", default="float32", help="computation dtype")
     parser.add_argument("--remat", action="store_true", help="rematerialise blocks")
     parser.add_argument("--out", default=None, help="write the report as JSON here")
@@ -239,11 +257,18 @@ def main() -> None:
     unknown = set(args.cases.split(",")) - set(CASES)
     if unknown:
         parser.error(f"--cases: unknown {sorted(unknown)}; choose from {sorted(CASES)}")
+    decoders = tuple(args.decoders.split(","))
+    if set(decoders) - set(DECODERS):
+        parser.error(f"--decoders: choose from {', '.join(DECODERS)}, got {args.decoders!r}")
     if args.compile_only:
         for name in args.cases.split(","):
-            print(json.dumps(bench_case(name, 0, args.quick, jnp.dtype(args.dtype), args.remat)))
+            for decoder in decoders:
+                r = bench_case(name, 0, args.quick, jnp.dtype(args.dtype), args.remat, decoder)
+                print(json.dumps(r))
         return
-    report = run(args.quick, args.steps, tuple(args.cases.split(",")), args.dtype, args.remat)
+    report = run(
+        args.quick, args.steps, tuple(args.cases.split(",")), args.dtype, args.remat, decoders
+    )
     print(_table(report))
     if args.out:
         with open(args.out, "w") as f:

@@ -52,22 +52,26 @@ def _res_block(c_in, c, time_features=0):
     return count
 
 
-def _tiny_parameter_count(time_conditioned=False, skip="add"):
+def _tiny_parameter_count(time_conditioned=False, skip="add", decoder="mirrored"):
     """Closed form for TINY in 2D: channels (4, 8), 1 res block, 2 heads of dim 8/4 = 2."""
     tf = 8 if time_conditioned else 0
+    merged = 2 if skip == "concat" else 1
     stem = 9 * 1 * 4 + 2 * 4
     down = 2 * 2 * 4 * 8 + 2 * 8
     width = 2 * 2  # heads * head_dim
     transformer = (2 * 8) + (8 * 3 * width + 3 * width) + (width * 8 + 8) + (2 * 8)
     transformer += (8 * 32 + 32) + (32 * 8 + 8)
     up = 8 * 4 * 4 + 2 * 4
-    decoder0 = _res_block(8 if skip == "concat" else 4, 4, tf)
     head = 4 * 2 + 2
     time = 2 * (8 * 8 + 8) if time_conditioned else 0
-    return (
-        time + stem + _res_block(4, 4, tf) + down + _res_block(8, 8, tf) + transformer
-        + _res_block(8, 8, tf) + up + decoder0 + head
-    )  # fmt: skip
+    encoder = _res_block(4, 4, tf) + _res_block(8, 8, tf)
+    if decoder == "mirrored":  # 1 block per level, a skip before level 0's
+        decoder_blocks = _res_block(4 * merged, 4, tf) + _res_block(8, 8, tf)
+        bottom = 0
+    else:  # 1 + 1 blocks per level, a skip before each; bottom res block, LN, res block
+        decoder_blocks = 2 * _res_block(4 * merged, 4, tf) + 2 * _res_block(8 * merged, 8, tf)
+        bottom = 2 * _res_block(8, 8, tf) + 2 * 8
+    return time + stem + encoder + down + transformer + bottom + up + decoder_blocks + head
 
 
 def test_parameter_count_closed_form(seg2d, diffusion2d):
@@ -78,6 +82,23 @@ def test_parameter_count_closed_form(seg2d, diffusion2d):
     assert parameter_count(nnx.state(seg2d, nnx.Param)) == 4042
     table = summary(seg2d)
     assert "4,042" in table.splitlines()[-1] and "transformer" in table
+
+
+@pytest.mark.parametrize("skip", ["add", "concat"])
+@pytest.mark.parametrize("time_conditioned", [False, True])
+def test_original_decoder_parameter_count_closed_form(skip, time_conditioned):
+    net = nnx.eval_shape(
+        lambda: _tiny(
+            decoder="original",
+            skip=skip,
+            mask_channels=2 if time_conditioned else 0,
+            time_conditioned=time_conditioned,
+        )
+    )
+    expected = _tiny_parameter_count(time_conditioned, skip, "original")
+    expected += 9 * 2 * 4 if time_conditioned else 0
+    assert _abstract_parameter_count(net) == expected
+    assert len(net.decoder[0]) == len(net.decoder[1]) == 2  # num_res_blocks + 1
 
 
 def test_published_configuration_parameter_count_is_reproducible():
@@ -290,3 +311,95 @@ def test_published_3d_parameter_count_from_abstract_state():
     assert _abstract_parameter_count(_abstract_published(3)) == 20_551_491
     # the same configuration in 2D, as counted from concrete weights above
     assert _abstract_parameter_count(_abstract_published(2)) == 7_673_091
+
+
+# -- FLOPs of a train step (forward + backward) by XLA's cost analysis: lowered, not compiled --
+
+
+def _train_step_flops(module, shape, num_classes=3):
+    """FLOPs of `value_and_grad` of the cross-entropy on abstract inputs, dropout on."""
+    graphdef, state = nnx.split(module, nnx.Param)
+
+    def loss(s, image, label, key):
+        logits = imgx_nets.apply(graphdef, s, image, None, None, key)
+        log_p = jax.nn.log_softmax(logits)
+        return -jnp.take_along_axis(log_p, label[..., None], axis=-1).mean()
+
+    args = (
+        state,
+        jax.ShapeDtypeStruct((*shape, 1), jnp.float32),
+        jax.ShapeDtypeStruct(shape, jnp.int32),
+        jax.eval_shape(lambda: jax.random.key(0)),
+    )
+    cost = jax.jit(jax.value_and_grad(loss)).lower(*args).cost_analysis()
+    return (cost[0] if isinstance(cost, list | tuple) else cost)["flops"]
+
+
+@pytest.mark.parametrize(
+    ("decoder", "flops", "parameters"),
+    [("mirrored", 6_635_613, 4042), ("original", 10_704_973, 7914)],
+)
+def test_tiny_flops_and_parameters_of_both_decoders(decoder, flops, parameters):
+    net = nnx.eval_shape(lambda: _tiny(decoder=decoder))
+    assert _abstract_parameter_count(net) == parameters
+    assert _abstract_parameter_count(net) == _tiny_parameter_count(decoder=decoder)
+    assert _train_step_flops(net, (2, 16, 16)) == pytest.approx(flops, rel=1e-3)
+
+
+ORIGINAL_TOOLKIT_2D_GFLOP = 336.0  # its train step at batch 8 x 128 x 128 (bench/README.md)
+
+
+def test_published_2d_train_step_has_the_original_flops_and_parameters():
+    flops = {
+        decoder: _train_step_flops(_abstract_published(2, decoder=decoder), (8, 128, 128)) / 1e9
+        for decoder in ("mirrored", "original")
+    }
+    assert flops["original"] == pytest.approx(ORIGINAL_TOOLKIT_2D_GFLOP, rel=0.05)
+    assert flops["mirrored"] < 0.95 * ORIGINAL_TOOLKIT_2D_GFLOP  # one block less per level
+    assert flops["mirrored"] == pytest.approx(257.3, rel=0.01)
+    assert flops["original"] == pytest.approx(341.5, rel=0.01)
+    assert _abstract_parameter_count(_abstract_published(2, decoder="original")) == 11_603_587
+    assert _abstract_parameter_count(_abstract_published(3, decoder="original")) == 32_334_019
+
+
+@pytest.mark.parametrize("spatial", [(8, 8), (9, 7), (5, 3)])
+@pytest.mark.parametrize("skip", ["add", "concat"])
+def test_original_decoder_odd_sizes(spatial, skip):
+    net = _tiny(decoder="original", skip=skip)
+    out = _call(net, _image((2, *spatial, 1)))
+    assert out.shape == (2, *spatial, 2) and np.all(np.isfinite(np.asarray(out)))
+
+
+def test_original_decoder_3d_diffusion_deeper():
+    net = _tiny(
+        3,
+        decoder="original",
+        num_channels=(4, 4, 8),
+        num_res_blocks=2,
+        patch_size=(2, 2, 1),
+        mask_channels=2,
+        time_conditioned=True,
+    )
+    mask, t = _image((1, 7, 9, 3, 2), 2), jnp.array([0.4])
+    assert _call(net, _image((1, 7, 9, 3, 1)), mask, t).shape == (1, 7, 9, 3, 2)
+
+
+def test_original_decoder_data_flow_written_out():
+    # TINY: levels (4, 8), 1 res block. Skips: stem, enc0, down0, enc1 (num_res_blocks + 1 per
+    # level); decoder blocks take x + the latest unused skip; the bottom is res-TF-LN-res.
+    net = _tiny(decoder="original")
+    image = _image((2, 9, 7, 1))
+    blk = lambda module, x: module(x, None, None)
+    s0 = net.stem(image)
+    e0 = blk(net.encoder[0][0], s0)
+    d0 = net.down[0](e0)
+    e1 = blk(net.encoder[1][0], d0)
+    x = blk(net.bottom_in, e1)
+    tokens = x.reshape(2, -1, 8)
+    x = net.transformer_norm(net.transformer[0](tokens, None)).reshape(x.shape)
+    x = blk(net.bottom_out, x)
+    x = blk(net.decoder[1][1], blk(net.decoder[1][0], x + e1) + d0)
+    x = net.up[0](x)[:, :9, :7]
+    x = blk(net.decoder[0][1], blk(net.decoder[0][0], x + e0) + s0)
+    expected = net.head(x)
+    np.testing.assert_allclose(_call(net, image), expected, rtol=1e-5, atol=1e-5)

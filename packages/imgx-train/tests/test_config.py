@@ -204,3 +204,12 @@ def test_resume_and_describe_run_check_the_saved_config(tmp_path):
         with pytest.raises(config_lib.ConfigError, match="train.eval_every=0"):
             read(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]  # nothing written
+
+
+@pytest.mark.parametrize("preset", ["melba2023", "dgm4miccai2023"])
+def test_paper_presets_use_the_original_decoder(preset):
+    """The published network (imgx_nets.UNet decoder="original"), its FLOPs and parameters."""
+    assert presets.make_config("muscle_us", preset=preset).model.decoder == "original"
+    assert presets.make_config("muscle_us").model.decoder == "mirrored"
+    with pytest.raises(config_lib.ConfigError, match="mirrored, original"):
+        presets.make_config("phantom", overrides={"model.decoder": "unet"})

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 import imgx_data
 import imgx_diffusion as idf
@@ -188,3 +189,12 @@ def test_importance_history_gets_the_loss_at_t_without_the_auxiliary_term(info):
     # Warm-up weights are 1: the training loss is the mean of L_t + aux.
     np.testing.assert_allclose(loss_aux, np.mean(per_t_plain) + logs["aux"], rtol=1e-5)
     assert loss_aux > loss_plain
+
+
+@pytest.mark.parametrize(("preset", "blocks"), [("debug", 1), ("dgm4miccai2023", 2)])
+def test_model_decoder_reaches_the_network(info, preset, blocks):
+    """model.decoder="original" (paper presets): num_res_blocks + 1 decoder blocks per level."""
+    task = tasks.Task(_config(preset=preset), info)
+    net = nnx.eval_shape(lambda: task._network(jax.random.key(0)))
+    assert net.decoder_kind == ("original" if blocks == 2 else "mirrored")
+    assert len(net.decoder[0]) == blocks

@@ -7,13 +7,14 @@ from imgx_nets.attention import (
 )
 from imgx_nets.functional import ModelFn, SliceWise, apply, as_model_fn, parameter_count, summary
 from imgx_nets.layers import sinusoidal_embedding
-from imgx_nets.unet import UNet
+from imgx_nets.unet import DECODERS, UNet
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ModelFn",
     "SliceWise",
+    "DECODERS",
     "UNet",
     "apply",
     "as_model_fn",

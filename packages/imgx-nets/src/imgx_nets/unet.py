@@ -4,11 +4,27 @@ Levels l = 0..L-1 with `num_channels[l]` channels. Level 0 is at the input resol
 down-sampling into level 1 uses `patch_size`, the later ones `scale_factor`.
 
     stem: conv-norm-GELU (image [+ mask input] -> C_0)
-    encoder level l: num_res_blocks residual blocks; skip; down-sample (l < L-1)
+    encoder level l: num_res_blocks residual blocks; down-sample (l < L-1)
+    head: 1x1 convolution with bias -> out_channels logits (float32)
+
+Two decoders (`decoder`):
+
+  "mirrored" (default): the decoder mirrors the encoder, one skip per level.
+    encoder level l: ...; skip = its last output
     bottom (level L-1): num_transformer_layers transformer layers over the flattened grid
     decoder level l: [up-sample from l+1, crop to the skip, add (or concatenate) skip];
                      num_res_blocks residual blocks
-    head: 1x1 convolution with bias -> out_channels logits (float32)
+  "original": the published ImgX-DiffSeg network (as the guided-diffusion / ADM U-Net).
+    skips = the stem's output, every encoder residual block's output and every
+            down-sampling's output (num_res_blocks + 1 per level)
+    bottom (level L-1): residual block, transformer layers, layer norm, residual block
+    decoder level l: [up-sample from l+1, crop to the skips]; num_res_blocks + 1 times
+                     (add (or concatenate) the next skip, last in first out; residual block)
+
+At the published configuration (channels 32/64/128/256, 2 residual blocks; 2D, batch
+8 x 128 x 128, 1 -> 3 channels) the forward + backward of a train step costs 257 ("mirrored")
+vs 341 GFLOP ("original"; 253 vs 336 without dropout) by XLA's cost analysis, with 7,673,091
+vs 11,603,587 parameters; the original toolkit: 336 GFLOP.
 
 Diffusion conditioning: `mask_channels` extra input channels are concatenated to the image
 and a time t `(batch,)` in (0, 1] modulates every residual block (`time_conditioned`).
@@ -39,6 +55,9 @@ _run_res_block_remat = nnx.remat(_run_res_block)
 _run_transformer_layer_remat = nnx.remat(_run_transformer_layer)
 
 
+DECODERS = ("mirrored", "original")
+
+
 def _crop_to(x: chex.Array, spatial: Sequence[int]) -> chex.Array:
     """Keep the first `spatial` entries of every spatial axis (undoes end padding)."""
     if tuple(x.shape[1:-1]) == tuple(spatial):
@@ -54,6 +73,11 @@ class UNet(nnx.Module):
     `t (batch,)` float in (0, 1] (only if time_conditioned), `key` a PRNG key enabling dropout
     (None = deterministic). Returns float32 logits `(batch, *spatial, out_channels)`; any
     spatial size works (odd sizes are padded and cropped back).
+
+    `decoder` "mirrored" (one skip per level, `num_res_blocks` decoder blocks) or "original"
+    (the published network: a skip before each of `num_res_blocks + 1` decoder blocks per
+    level, an extra residual block on each side of the bottom transformer); see the module
+    docstring.
 
     Parameters are float32; `dtype` is the computation dtype of every layer (bfloat16 for
     mixed precision); norm statistics and softmax stay float32.
@@ -75,6 +99,7 @@ class UNet(nnx.Module):
         num_transformer_layers: int = 1,
         dropout: float = 0.1,
         skip: str = "add",
+        decoder: str = "mirrored",
         remat: bool = False,
         mask_channels: int = 0,
         time_conditioned: bool = False,
@@ -101,6 +126,10 @@ class UNet(nnx.Module):
             )
         if skip not in ("add", "concat"):
             raise ValueError(f"UNet: skip must be 'add' or 'concat', got {skip!r}.")
+        if decoder not in DECODERS:
+            raise ValueError(
+                f"UNet: decoder must be one of {', '.join(DECODERS)}, got {decoder!r}."
+            )
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"UNet: dropout must be in [0, 1), got {dropout}.")
         bottom = num_channels[-1]
@@ -120,6 +149,7 @@ class UNet(nnx.Module):
         self.num_channels = num_channels
         self.factors = tuple(([patch] + [scale] * len(num_channels))[: len(num_channels) - 1])
         self.skip = skip
+        self.decoder_kind = decoder
         self.remat = remat
         self.time_conditioned = time_conditioned
 
@@ -167,6 +197,11 @@ class UNet(nnx.Module):
                 for _ in range(num_transformer_layers)
             ]
         )
+        original = decoder == "original"
+        # the original's bottom: residual block, transformer, layer norm, residual block
+        self.bottom_in = res_block(bottom, bottom) if original else None
+        self.transformer_norm = layers.LayerNorm(bottom, dtype=dtype) if original else None
+        self.bottom_out = res_block(bottom, bottom) if original else None
         self.up = nnx.List(
             [
                 layers.UpSample(c_in, c_out, f, dtype=dtype, rngs=rngs)
@@ -176,19 +211,19 @@ class UNet(nnx.Module):
             ]
         )
         merged = 2 if skip == "concat" else 1
-        self.decoder = nnx.List(
-            [
-                nnx.List(
-                    [
-                        res_block(
-                            c * (merged if i == 0 and level < len(num_channels) - 1 else 1), c
-                        )
-                        for i in range(num_res_blocks)
-                    ]
-                )
+        if original:  # a skip before every block
+            decoder_blocks = [
+                [res_block(c * merged, c) for _ in range(num_res_blocks + 1)] for c in num_channels
+            ]
+        else:  # a skip before the first block of every level but the bottom
+            decoder_blocks = [
+                [
+                    res_block(c * (merged if i == 0 and level < len(num_channels) - 1 else 1), c)
+                    for i in range(num_res_blocks)
+                ]
                 for level, c in enumerate(num_channels)
             ]
-        )
+        self.decoder = nnx.List([nnx.List(blocks) for blocks in decoder_blocks])
         self.head = layers.Conv(
             num_channels[0],
             out_channels,
@@ -236,27 +271,48 @@ class UNet(nnx.Module):
         time_embedding = None if self.time_embedding is None else self.time_embedding(t)
         x = self.stem(x)
 
-        skips = []
-        for level, blocks in enumerate(self.encoder):
-            for block in blocks:
-                x = run_block(block, x, time_embedding, layers.fold_key(key, next(keys)))
-            if level < len(self.down):
-                skips.append(x)
-                x = self.down[level](x)
+        original = self.decoder_kind == "original"
 
-        if len(self.transformer):
+        def block(module, x):
+            return run_block(module, x, time_embedding, layers.fold_key(key, next(keys)))
+
+        def merge(x, skip):
+            return x + skip if self.skip == "add" else jnp.concatenate([x, skip], axis=-1)
+
+        skips = [x] if original else []
+        for level, blocks in enumerate(self.encoder):
+            for module in blocks:
+                x = block(module, x)
+                if original:
+                    skips.append(x)
+            if level < len(self.down):
+                if not original:
+                    skips.append(x)
+                x = self.down[level](x)
+                if original:
+                    skips.append(x)
+
+        if original:
+            x = block(self.bottom_in, x)
+        if len(self.transformer) or original:
             b, *spatial, c = x.shape
             tokens = x.reshape(b, math.prod(spatial), c)
             for layer in self.transformer:
                 tokens = run_layer(layer, tokens, layers.fold_key(key, next(keys)))
+            if original:
+                tokens = self.transformer_norm(tokens)
             x = tokens.reshape(x.shape)
+        if original:
+            x = block(self.bottom_out, x)
 
         for level in reversed(range(len(self.decoder))):
             if level < len(self.up):
-                skip = skips[level]
-                x = _crop_to(self.up[level](x), skip.shape[1:-1])
-                x = x + skip if self.skip == "add" else jnp.concatenate([x, skip], axis=-1)
-            for block in self.decoder[level]:
-                x = run_block(block, x, time_embedding, layers.fold_key(key, next(keys)))
+                x = _crop_to(self.up[level](x), skips[-1].shape[1:-1])
+                if not original:
+                    x = merge(x, skips.pop())
+            for module in self.decoder[level]:
+                if original:
+                    x = merge(x, skips.pop())
+                x = block(module, x)
 
         return self.head(x).astype(jnp.float32)

@@ -74,7 +74,8 @@ class ModelConfig:
     """U-Net of `imgx_nets.UNet` (defaults: the published model).
 
     `dtype` "auto" computes in bfloat16 on GPU/TPU and float32 on CPU; parameters are
-    always float32.
+    always float32. `decoder` "mirrored" or "original" (the published ImgX-DiffSeg
+    decoder, used by the paper presets; see `imgx_nets.UNet`).
     """
 
     num_channels: tuple[int, ...] = (32, 64, 128, 256)
@@ -87,6 +88,7 @@ class ModelConfig:
     num_transformer_layers: int = 1
     dropout: float = 0.1
     skip: str = "add"
+    decoder: str = "mirrored"
     remat: bool | None = None
     dtype: str = "auto"
 
@@ -437,6 +439,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.shift_unit": ("fraction", "voxel"),
     "eval.sampler": ("ddpm", "ddim"),
     "model.skip": ("add", "concat"),
+    "model.decoder": ("mirrored", "original"),
     "model.dtype": ("auto", "float32", "bfloat16", "float16"),
     "logging.wandb": ("offline", "online", "disabled"),
 }

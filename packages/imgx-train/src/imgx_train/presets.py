@@ -119,6 +119,7 @@ NAMED_PRESETS: dict[str, dict[str, Any]] = {
         "data.shift_unit": "voxel",  # data.shift: paper_shift(dataset)
         "data.keep_foreground_in_view": True,
         "model.patch_size": 2,
+        "model.decoder": "original",  # the published network, its FLOPs and parameters
     },
     # Fu et al., DGM4MICCAI 2023, arXiv 2303.06040 (xt-recycling).
     "dgm4miccai2023": {
@@ -139,6 +140,7 @@ NAMED_PRESETS: dict[str, dict[str, Any]] = {
         "data.zoom": 0.15,
         "data.shear": 0.0,
         "data.shift_unit": "voxel",  # data.shift: paper_shift(dataset)
+        "model.decoder": "original",
     },
     # Seconds-long runs for tests and smoke checks.
     "debug": {

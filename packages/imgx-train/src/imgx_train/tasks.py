@@ -113,6 +113,7 @@ class Task:
             num_transformer_layers=m.num_transformer_layers,
             dropout=m.dropout,
             skip=m.skip,
+            decoder=m.decoder,
             remat=remat,
             mask_channels=mask_channels,
             time_conditioned=self.is_diffusion,
