@@ -277,6 +277,14 @@ def test_print_results_table(rows):
     assert "liver" in lines[2] and "0.700 ± 0.082" in lines[2] and "3.00 ± 0.82" in lines[2]
     assert lines[-1].startswith("foreground mean") and "0.500" in lines[-1]
     assert "background" not in table
+    # liver: Dice median 0.700, HD95 median 3.00, nothing missed; kidney: case b missed
+    # (prediction empty, Dice 0, HD95 50 mm), case c without kidney (NaN, not counted).
+    assert lines[1].split()[-4:] == ["median", "missed", "false", "pos."]
+    liver, kidney = lines[2].split(), lines[3].split()
+    assert liver[0] == "liver" and liver[4] == "0.700" and liver[8] == "3.00"
+    assert liver[-2:] == ["0", "0"]
+    assert kidney[:5] == ["kidney", "0.300", "±", "0.300", "0.300"]
+    assert kidney[5:9] == ["27.00", "±", "23.00", "27.00"] and kidney[-2:] == ["1", "0"]
 
 
 def test_print_results_table_after_json_round_trip(tmp_path, rows):

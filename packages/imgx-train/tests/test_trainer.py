@@ -313,10 +313,13 @@ def test_a_transient_read_error_stops_the_resume_and_deletes_nothing(
     assert after == before
 
 
-def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(data_dir, seg_run, tmp_path, monkeypatch):
+def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(
+    data_dir, seg_run, tmp_path, monkeypatch, capsys
+):
     """SIGINT right after step 3's update, before the loop counts it: checkpoint 3 holds the
     state of step 3 (not the donated input of step 3, nor step 3's state labelled 2), and
-    the resume equals the straight run."""
+    the resume equals the straight run. Step 2's validation was printed when computed and
+    the curves drawn then, so the interrupted run has them."""
     original = trainer._jit_train_step
 
     def interrupted_after_step_3(*args, **kwargs):
@@ -339,6 +342,9 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(data_dir, seg_run, tmp_pa
         trainer.train(cfg, run_dir=run_dir)
     assert info.value.step == 3
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    dice = runs.read_jsonl(run_dir / "metrics" / "valid.jsonl")[0]["dice"]
+    assert f"step 2: validation Dice {dice:.4f}" in capsys.readouterr().out
+    assert (run_dir / "plots" / "curves.png").stat().st_size > 0
     mngr = ckpt_lib.manager(run_dir, read_only=True)
     assert sorted(mngr.all_steps()) == [2, 3]
     task = tasks.Task(cfg, imgx_data.dataset_info("phantom", data_dir=data_dir))

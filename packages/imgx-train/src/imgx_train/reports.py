@@ -346,39 +346,54 @@ def save_overlay(
 
 
 def print_results_table(summary: Mapping[str, Any], class_names: Sequence[str]) -> str:
-    """A short text table of Dice and HD95 (mean ± std) per foreground class.
+    """A text table per foreground class: Dice and HD95 as mean ± std and median over the
+    cases, and how many cases were scored worst-case.
+
+    Worst-case cases follow the empty-mask policy of :mod:`imgx_train.metrics`: a missed
+    structure (empty prediction, non-empty reference) and a false positive only (non-empty
+    prediction, empty reference) score Dice 0 and the image diagonal as HD95; their counts
+    come from ``summary["empty"]`` (``-`` when the summary has none).
 
     Args:
-      summary: the output of :func:`summarize`.
+      summary: the output of :func:`summarize` (or its JSON).
       class_names: class names, background first (the background is not listed).
 
     Returns:
       The table, lines joined by newlines, for the CLI to print.
     """
 
-    def cell(stats: Mapping[str, float] | None, digits: int) -> str:
+    def number(value: float | None, digits: int) -> str:
+        return "n/a" if value is None or math.isnan(value) else f"{value:.{digits}f}"
+
+    def spread(stats: Mapping[str, float] | None, digits: int) -> str:
         if stats is None or stats["mean"] is None or math.isnan(stats["mean"]):
             return "n/a"
         return f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f}"
 
-    def mean_cell(value: float | None, digits: int) -> str:
-        return "n/a" if value is None or math.isnan(value) else f"{value:.{digits}f}"
+    def median(stats: Mapping[str, float] | None, digits: int) -> str:
+        return "n/a" if stats is None else number(stats.get("median"), digits)
 
     width = max([len("foreground mean"), *(len(name) for name in class_names[1:])])
-    lines = [
-        f"{summary['num_cases']} cases",
-        f"{'class':<{width}}  {'Dice':>15}  {'HD95 (mm)':>15}",
-    ]
+    header = (
+        f"{'class':<{width}}  {'Dice':>15}  {'median':>6}  {'HD95 (mm)':>15}  {'median':>7}"
+        f"  {'missed':>6}  {'false pos.':>10}"
+    )
+    lines = [f"{summary['num_cases']} cases", header]
+    empty = summary.get("empty") or {}
     for name in class_names[1:]:
         metrics = summary["per_class"].get(name, {})
+        counts = empty.get(name)
+        missed = "-" if counts is None else str(counts["prediction_empty"])
+        false_positive = "-" if counts is None else str(counts["reference_empty"])
         lines.append(
-            f"{name:<{width}}  {cell(metrics.get('dice'), 3):>15}  "
-            f"{cell(metrics.get('hd95'), 2):>15}"
+            f"{name:<{width}}  {spread(metrics.get('dice'), 3):>15}  "
+            f"{median(metrics.get('dice'), 3):>6}  {spread(metrics.get('hd95'), 2):>15}  "
+            f"{median(metrics.get('hd95'), 2):>7}  {missed:>6}  {false_positive:>10}"
         )
     foreground = summary["foreground_mean"]
     lines.append(
-        f"{'foreground mean':<{width}}  {mean_cell(foreground.get('dice'), 3):>15}  "
-        f"{mean_cell(foreground.get('hd95'), 2):>15}"
+        f"{'foreground mean':<{width}}  {number(foreground.get('dice'), 3):>15}  {'':>6}  "
+        f"{number(foreground.get('hd95'), 2):>15}"
     )
     return "\n".join(lines)
 

@@ -289,6 +289,15 @@ class _Progress:
                 flush=True,
             )
 
+    def write(self, line: str) -> None:
+        """A line above the bar (or a plain line without one)."""
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(line)
+        else:
+            print(line, flush=True)
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
@@ -463,7 +472,22 @@ def _train(
             valid_dice = summary["dice"]
             stop = stopper.update(valid_dice, step)
             validated["step"] = step
+        hd95 = summary.get("hd95")
+        progress.write(
+            f"step {step}: validation Dice {valid_dice:.4f}"
+            + (f", HD95 {hd95:.2f} mm" if hd95 is not None else "")
+            + f" ({summary['num_cases']} cases)"
+        )
+        if main:  # redrawn at each validation: an interrupted run has its curves too
+            plot_curves()
         return valid_dice, stop
+
+    def plot_curves() -> None:
+        reports.plot_curves(
+            run_dir / "plots" / "curves.png",
+            runs.read_jsonl(run_dir / "metrics" / "train.jsonl"),
+            runs.read_jsonl(run_dir / "metrics" / "valid.jsonl"),
+        )
 
     progress = _Progress(cfg.logging.progress, start, cfg.train.steps, enabled=main)
     step, last_time, last_step = start, time.perf_counter(), start
@@ -519,11 +543,7 @@ def _train(
     if wandb_run is not None:
         wandb_run.finish()
     if main:
-        reports.plot_curves(
-            run_dir / "plots" / "curves.png",
-            runs.read_jsonl(run_dir / "metrics" / "train.jsonl"),
-            runs.read_jsonl(run_dir / "metrics" / "valid.jsonl"),
-        )
+        plot_curves()
     return run_dir
 
 
