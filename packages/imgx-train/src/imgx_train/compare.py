@@ -239,6 +239,11 @@ def class_mean_std(summary: Mapping[str, Any], class_name: str, metric: str) -> 
     return _float(stats.get("mean")), _float(stats.get("std"))
 
 
+def _foreground(summary: Mapping[str, Any], metric: str) -> float:
+    """The mean over the foreground classes of a metric in a summary; NaN where absent."""
+    return _float((summary.get("foreground_mean") or {}).get(metric))
+
+
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     finite = np.asarray([v for v in values if math.isfinite(v)], dtype=np.float64)
     if finite.size == 0:
@@ -291,9 +296,7 @@ def cross_validations(
                     for metric, _, _ in METRICS
                 },
                 foreground_mean={
-                    metric: _mean_std(
-                        [_float(r.summary["foreground_mean"].get(metric)) for r in members]
-                    )
+                    metric: _mean_std([_foreground(r.summary, metric) for r in members])
                     for metric, _, _ in METRICS
                 },
             )
@@ -403,7 +406,7 @@ def _plot(path: Path, results: Sequence[Results]) -> Path:
             y = [_float(per_step[k]["foreground_mean"].get("dice")) for k in steps]
             ax.plot(x, y, marker="o", label=r.name)
             drawn = True
-        elif math.isfinite(dice := _float(r.summary["foreground_mean"].get("dice"))):
+        elif math.isfinite(dice := _foreground(r.summary, "dice")):
             ax.axhline(dice, linestyle="--", color=f"C{len(ax.get_lines()) % 10}",
                        label=f"{r.name} (final Dice only)")  # fmt: skip
             drawn = True
@@ -433,7 +436,7 @@ def _compare_rows(comparison: Comparison) -> tuple[list[str], list[list[Any]]]:
                s.get("num_samples"), s.get("checkpoint"), s.get("num_cases"), r.fold]  # fmt: skip
         for metric, _, _ in METRICS:
             row += [v for c in classes for v in class_mean_std(s, c, metric)]
-            row.append(_float(s["foreground_mean"].get(metric)))
+            row.append(_foreground(s, metric))
         rows.append(row)
     by_name = {r.name: r for r in comparison.results}
     for cv in comparison.cross_validations:
@@ -567,7 +570,7 @@ def format_comparison(comparison: Comparison) -> str:
         rows = [
             [r.name]
             + [_cell(*class_mean_std(r.summary, c, metric), digits) for c in classes]
-            + [_cell(_float(r.summary["foreground_mean"].get(metric)), None, digits)]
+            + [_cell(_foreground(r.summary, metric), None, digits)]
             for r in comparison.results
         ]
         rows += [
