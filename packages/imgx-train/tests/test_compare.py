@@ -233,3 +233,17 @@ def test_write_csv_cells(tmp_path):
     reports.write_csv(tmp_path / "t.csv", ["a", "b", "c"], [[0.1, None, math.nan], ["x", 3, 1e-17]])
     assert (tmp_path / "t.csv").read_text().splitlines() == ["a,b,c", "0.1,,nan", "x,3,1e-17"]
     assert [p.name for p in tmp_path.iterdir()] == ["t.csv"]  # no temporary file left
+
+
+def test_pairs_that_cannot_be_tested_say_why(two_runs, tmp_path):
+    a, b = two_runs
+    c = make_run(tmp_path / "runs", "c")
+    write_results(c / "test" / "step_9", ["other_0", "other_1"], LIVER_A, KIDNEY_A, HD95_A)
+    (b / "test" / "step_9" / "per_case.csv").unlink()
+    comparison = compare_runs([a, b, c], tmp_path / "out")
+    assert comparison.notes == [
+        f"a vs b: not tested, no {b / 'test' / 'step_9' / 'per_case.csv'}",
+        f"b vs c: not tested, no {b / 'test' / 'step_9' / 'per_case.csv'}",
+    ]
+    assert {t.note for t in comparison.tests} == {"no shared cases"}  # a vs c
+    assert "a vs c: no shared cases, not tested" in format_comparison(comparison)
