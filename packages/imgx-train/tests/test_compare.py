@@ -194,6 +194,8 @@ def test_find_results_newest_named_or_the_folder(two_runs):
     assert find_results(a, results=older.name) == older
     assert find_results(older) == older
     assert compare.load_results(older).run_dir == a
+    (a.parent / "latest").symlink_to(a.name)
+    assert compare.load_results(a.parent / "latest").name == "a"
 
 
 def test_same_run_twice_gets_two_names(two_runs, tmp_path):

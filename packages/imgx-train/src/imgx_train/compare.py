@@ -220,7 +220,7 @@ def load_results(path: str | Path, *, split: str = "test", results: str | None =
     except json.JSONDecodeError as error:
         raise RunError(f"cannot read the results in {folder}: {error}") from None
     return Results(
-        name=(run_dir or folder).name,
+        name=(run_dir or folder).resolve().name,  # runs/latest: the run it points at
         folder=folder,
         run_dir=run_dir,
         summary=summary,
