@@ -30,6 +30,20 @@ def test_normalized_words(words, expected):
     assert normalize_command("predict", words, predict) == expected
 
 
+def compare(*runs, output="compare", replace=False):
+    """A signature with any number of positional arguments, like `imgx compare`'s."""
+
+
+def test_any_number_of_positional_arguments():
+    words = ["a", "-o", "out", "b", "c", "--replace"]
+    assert normalize_command("compare", words, compare) == [
+        "--output=out", "--replace=True", "a", "b", "c"
+    ]  # fmt: skip
+    assert normalize_command("compare", [], compare) == []
+    with pytest.raises(UsageError, match="unknown option --runs"):
+        normalize_command("compare", ["--runs", "a"], compare)
+
+
 def test_positional_arguments_follow_the_options():
     assert normalize_command("build", ["x", "-m", "raw"], build) == ["--manual_dir=raw", "x"]
     assert normalize_command("build", ["--dataset", "x"], build) == ["--dataset=x"]

@@ -20,6 +20,7 @@ OPTIONS = {
               "--overwrite"],
     "datasets": ["--data-dir"],
     "info": ["--run"],
+    "compare": ["[RUNS]...", "-o, --output", "-s, --split", "--results", "--replace"],
     "version": [],
 }  # fmt: skip
 DEFAULTS = {

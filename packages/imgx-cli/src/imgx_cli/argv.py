@@ -79,7 +79,9 @@ def normalize_command(command: str, words: Sequence[str], fn: Callable[..., obje
     """
     if any(word in HELP_FLAGS for word in words):
         return ["--", "--help"]
-    params = inspect.signature(fn).parameters
+    signature = inspect.signature(fn).parameters
+    params = {n: p for n, p in signature.items() if p.kind is not p.VAR_POSITIONAL}
+    takes_any = len(params) < len(signature)  # `*runs`: any number of positional words
     names = list(params)
     bools = {name for name, p in params.items() if isinstance(p.default, bool)}
     options: list[str] = []
@@ -128,7 +130,7 @@ def normalize_command(command: str, words: Sequence[str], fn: Callable[..., obje
         for name, p in params.items()
         if p.default is inspect.Parameter.empty and name not in given
     ]
-    if len(positional) > len(required):
+    if len(positional) > len(required) and not takes_any:
         extra = positional[len(required)]
         raise UsageError(f"unexpected argument {extra!r} for `imgx {command}`")
     if len(positional) < len(required):

@@ -552,6 +552,50 @@ def info(run: str = LATEST_RUN) -> None:
         _echo(*(printing.config_changes(cfg, config_lib.Config()) or ["  (none)"]))
 
 
+def compare(
+    *runs: str,
+    output: str = "compare",
+    split: str = "test",
+    results: str | None = None,
+    replace: bool = False,
+) -> None:
+    """Compare evaluated runs: one table, compare.csv, Wilcoxon tests, Dice per sampling step.
+
+    Prints Dice, HD95 and NSD per class (mean ± std over the cases) with each evaluation's
+    sampler and steps, the mean ± std over folds of a cross-validation, and two-sided
+    Wilcoxon signed-rank p-values of each pair of runs on their shared cases (by uid).
+    Writes compare.csv, wilcoxon.csv and dice_per_step.png into the output folder.
+
+    Examples:
+      imgx compare runs/seg runs/diffusion runs/recycling
+      imgx compare runs/a runs/b --results step_100-ddim_10steps-1sample-seed0 -o cmp/
+      imgx compare runs/a/test/step_100-ddpm_5steps-1sample-seed0 runs/b/test/step_90
+
+    Args:
+      runs: run directories (their newest results of the split) or results folders.
+      output: the folder for the files (-o); earlier files there are kept unless --replace.
+      split: test or valid: the results looked for in run directories.
+      results: the results folder to take in every run, e.g. step_100-ddpm_5steps-1sample-seed0.
+      replace: replace the files of an earlier comparison in the output folder.
+    """
+    if not runs:
+        raise UsageError(
+            "imgx compare needs run directories or results folders: imgx compare runs/a runs/b"
+        )
+    if split not in ("valid", "test"):
+        raise UsageError(f"--split takes valid or test, got {split!r}")
+    import imgx_train
+
+    comparison = imgx_train.compare_runs(
+        [_path(run) for run in runs],
+        _path(output),
+        split=split,
+        results=None if results is None else str(results),
+        overwrite=bool(replace),
+    )
+    _echo(imgx_train.compare.format_comparison(comparison))
+
+
 def version() -> None:
     """Print the versions of the imgx packages."""
     from importlib import metadata
@@ -572,5 +616,6 @@ COMMANDS = {
     "build": build,
     "datasets": datasets,
     "info": info,
+    "compare": compare,
     "version": version,
 }

@@ -6,9 +6,11 @@ Public API::
     evaluate(run_dir, split="test", ...) -> summary dict
     predict(run_dir, inputs, output_dir, ...) -> {"written": [...], "failures": [...]}
     describe_run(run_dir) -> dict             make_config(data, task, preset, overrides)
+    compare_runs([run_dir, ...], output_dir="compare") -> Comparison (compare.format_comparison)
 """
 
-from imgx_train import config, metrics, presets, reports
+from imgx_train import compare, config, metrics, presets, reports
+from imgx_train.compare import compare_runs
 from imgx_train.config import Config, ConfigError
 from imgx_train.evaluation import describe_run, evaluate
 from imgx_train.predict import predict
@@ -23,6 +25,8 @@ __all__ = [
     "ConfigError",
     "RunError",
     "TrainingInterrupted",
+    "compare",
+    "compare_runs",
     "config",
     "describe_run",
     "evaluate",

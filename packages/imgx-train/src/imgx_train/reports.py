@@ -219,6 +219,32 @@ def write_per_case_csv(
     return _atomic_write(path, write, "w")
 
 
+def write_csv(
+    path: str | os.PathLike, header: Sequence[str], rows: Sequence[Sequence[Any]]
+) -> Path:
+    """Writes a CSV file of ``header`` and ``rows``: floats in full precision (``repr``, NaN
+    as ``nan``), None as an empty cell, anything else as ``str``. Atomic."""
+
+    def text(value: Any) -> str:
+        if value is None:
+            return ""
+        if isinstance(value, float | np.floating):
+            return repr(float(value))
+        return str(value)
+
+    def write(f):
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows([text(value) for value in row] for row in rows)
+
+    return _atomic_write(path, write, "w")
+
+
+def save_figure(path: str | os.PathLike, figure: Figure) -> Path:
+    """Writes a matplotlib ``figure`` as a PNG (100 dpi). Atomic."""
+    return _atomic_write(path, lambda f: figure.savefig(f, format="png", dpi=100), "wb")
+
+
 def _json_safe(value: Any) -> Any:
     """Plain JSON types with NaN and ±inf as None (JSON has no NaN)."""
     if isinstance(value, Mapping):
