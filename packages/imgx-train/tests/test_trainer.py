@@ -313,16 +313,12 @@ def test_a_transient_read_error_stops_the_resume_and_deletes_nothing(
     assert after == before
 
 
-def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(
-    data_dir, seg_run, tmp_path, monkeypatch, capsys
-):
-    """SIGINT right after step 3's update, before the loop counts it: checkpoint 3 holds the
-    state of step 3 (not the donated input of step 3, nor step 3's state labelled 2), and
-    the resume equals the straight run. Step 2's validation was printed when computed and
-    the curves drawn then, so the interrupted run has them."""
+def _signal_after_step_3(monkeypatch, signum):
+    """Sends this process `signum` right after the third train step returns; returns the
+    unpatched `_jit_train_step`."""
     original = trainer._jit_train_step
 
-    def interrupted_after_step_3(*args, **kwargs):
+    def signalled_after_step_3(*args, **kwargs):
         step_fn = original(*args, **kwargs)
         calls = []
 
@@ -330,12 +326,23 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(
             out = step_fn(state, batch)
             calls.append(1)
             if len(calls) == 3:
-                signal.raise_signal(signal.SIGINT)
+                os.kill(os.getpid(), signum)
             return out
 
         return call
 
-    monkeypatch.setattr(trainer, "_jit_train_step", interrupted_after_step_3)
+    monkeypatch.setattr(trainer, "_jit_train_step", signalled_after_step_3)
+    return original
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(
+    data_dir, seg_run, tmp_path, monkeypatch, capsys
+):
+    """SIGINT right after step 3's update, before the loop counts it: checkpoint 3 holds the
+    state of step 3 (not the donated input of step 3, nor step 3's state labelled 2), and
+    the resume equals the straight run. Step 2's validation was printed when computed and
+    the curves drawn then, so the interrupted run has them."""
+    original = _signal_after_step_3(monkeypatch, signal.SIGINT)
     cfg = config_lib.load(seg_run / "config.json")
     run_dir = tmp_path / "interrupted"
     with pytest.raises(trainer.TrainingInterrupted, match="imgx train --resume") as info:
@@ -359,22 +366,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(
 def test_sigterm_saves_a_checkpoint_like_ctrl_c(data_dir, seg_run, tmp_path, monkeypatch):
     """SIGTERM (preemption, scancel, docker stop) after step 3: checkpoint 3 is saved, the
     error carries the resume command, and both handlers are put back."""
-    original = trainer._jit_train_step
-
-    def terminated_after_step_3(*args, **kwargs):
-        step_fn = original(*args, **kwargs)
-        calls = []
-
-        def call(state, batch):
-            out = step_fn(state, batch)
-            calls.append(1)
-            if len(calls) == 3:
-                os.kill(os.getpid(), signal.SIGTERM)
-            return out
-
-        return call
-
-    monkeypatch.setattr(trainer, "_jit_train_step", terminated_after_step_3)
+    _signal_after_step_3(monkeypatch, signal.SIGTERM)
     run_dir = tmp_path / "terminated"
     with pytest.raises(trainer.TrainingInterrupted) as info:
         trainer.train(config_lib.load(seg_run / "config.json"), run_dir=run_dir)
