@@ -6,7 +6,7 @@ output, q(x_0, ε, t) the forward sample, sg the stop-gradient.
 | name             | t range   | first pass (no gradient into x_t)   | final pass input        |
 |------------------|-----------|-------------------------------------|-------------------------|
 | `standard`       | [0, T)    | —                                   | in(q(x_0, ε, t)) at t   |
-| `recycle_next`   | [0, T−1)  | f(in(q(x_0, ε', t+1))) at t+1       | in(q(sg x̂_0, ε, t)) at t (†) |
+| `recycle_next`   | [0, T−1)  | f(in(q(x_0, ε', t+1))) at t+1       | in(q(sg x̂_0, ε, t)) at t† |
 | `recycle_last`   | [0, T−1)  | f(in(q(x_0, ε', T−1))) at T−1       | in(q(sg x̂_0, ε, t)) at t |
 | `self_cond_same` | [0, T)    | f([in(x_t), 0]) at t                | [in(x_t), c] at t       |
 | `self_cond_next` | [0, T−1)  | f([in(x_{t+1}), 0]) at t+1          | [in(x_t), c] at t (*)   |
