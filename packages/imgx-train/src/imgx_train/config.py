@@ -43,7 +43,7 @@ class DataConfig:
         `shift_unit`.
       shift_unit: `fraction` of the image size along the axis, or `voxel`.
       keep_foreground_in_view: clip each sample's shift so that the label's foreground
-        bounding box stays inside the (patch) view after the affine (melba2023).
+        bounding box stays inside the (patch) view after the affine (the paper presets).
       gamma: maximum |log γ| of the intensity gamma.
       probability: probability of applying each scalar augmentation parameter.
       flip: random flips along every spatial axis.

@@ -2,7 +2,8 @@
 
 A preset is a dict of dotted-key overrides applied on top of `Config()`, in this order:
 dataset preset → named preset (`melba2023`, `dgm4miccai2023`, `debug`) → the user's
-overrides. Values follow `shared/spec/presets.md`.
+overrides. Values follow `shared/spec/presets.md`, except that the paper presets are the
+settings of the papers' code wherever the two differ (the tables of README.md).
 """
 
 from __future__ import annotations
