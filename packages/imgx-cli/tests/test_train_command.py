@@ -1,10 +1,17 @@
 """`imgx train`: flags -> config, resume, test after training, interruption."""
 
+import dataclasses
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
+import pytest
+
+import imgx_data
 import imgx_train
 from imgx_cli import printing
 from imgx_train import config as config_lib
+from imgx_train import tasks
 
 
 def test_flags_reach_the_config(api, imgx):
@@ -123,3 +130,47 @@ def test_ctrl_c_while_testing_says_training_is_done(api, imgx, monkeypatch):
 def test_device_cpu_runs_on_the_cpu(api, imgx):
     assert imgx("train", "--device", "cpu", "--no-test")[0] == 0
     assert api.names() == ["train"]
+
+
+# Each switch of a library feature, from `--set` to the call into imgx-diffusion that uses
+# it: the command's config builds a Task whose loss (or prediction) is traced
+# (jax.eval_shape: nothing compiles) with the real library function wrapped by a recorder.
+SWITCHES = [
+    ("diffusion.strategy=recycle_next,diffusion.recycle_posterior_mean=true",
+     "apply_strategy", {"recycle_with_posterior_mean": True}),
+    ("diffusion.strategy=recycle_next,diffusion.recycle_next_clipped=true",
+     "apply_strategy", {"recycle_next_clipped": True}),
+    ("diffusion.strategy=self_cond_same,diffusion.self_cond_probability=0.25",
+     "apply_strategy", {"self_conditioning_probability": 0.25}),
+    ("eval.sampler=dpm_solver_2m", "sample", {"sampler": "dpm_solver_2m"}),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("overrides", "function", "expected"), SWITCHES)
+def test_diffusion_switches_reach_the_library_call(
+    api, imgx, monkeypatch, tmp_path, overrides, function, expected
+):
+    tiny = "model.num_channels=[4],model.num_res_blocks=1,model.num_transformer_layers=0"
+    code, _, err = imgx("train", "--preset", "debug", "--set", f"{tiny},{overrides}")
+    assert code == 0, err
+    (cfg,), _ = api.call("train")
+    info = dataclasses.replace(
+        imgx_data.dataset_info("phantom", data_dir=tmp_path), image_shape=(8, 8)
+    )
+    task = tasks.Task(cfg, info)
+    seen = {}
+    real = getattr(tasks.idf, function)
+
+    def recorder(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tasks.idf, function, recorder)
+    params = task.init_params(jax.random.key(0))
+    image, label = jnp.zeros((2, 8, 8, 1)), jnp.zeros((2, 8, 8), jnp.int32)
+    if function == "sample":
+        predict = task.predict_fn(cfg.eval.sampler, cfg.eval.num_steps)
+        jax.eval_shape(predict, params, jax.random.key(1), image)
+    else:
+        jax.eval_shape(task.loss, params, jax.random.key(1), image, label, task.init_aux())
+    assert {k: seen[k] for k in expected} == expected

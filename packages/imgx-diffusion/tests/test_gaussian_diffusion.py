@@ -119,11 +119,20 @@ def test_fixed_and_learned_variances():
         learned.ddpm_step(jax.random.key(0), u, u, t)
 
 
-def test_ddim_eta0_with_oracle_returns_x0_exactly():
+def test_ddim_eta0_with_oracle_follows_the_forward_path_of_one_noise():
+    """With eta = 0 and x̂_0 = x_0 every step keeps ε = (x_K − √ᾱ_K x_0)/√(1 − ᾱ_K): x_{k−1}
+    = √ᾱ_{k−1} x_0 + √(1 − ᾱ_{k−1}) ε at each step (Song et al. 2021, eq. 12), not only at
+    the last one, which returns x_0 whatever x it is given."""
     x0 = _x0()
-    x = jax.random.normal(jax.random.key(6), SHAPE)
-    for k in range(4, -1, -1):
+    eps = jax.random.normal(jax.random.key(6), SHAPE)
+    a = np.asarray(DIFF.alphas_cumprod)
+    x = math.sqrt(a[4]) * x0 + math.sqrt(1 - a[4]) * eps
+    for k in range(4, 0, -1):
         x = DIFF.ddim_step(None, x0, x, jnp.full((SHAPE[0],), k), eta=0.0)
+        expected = math.sqrt(a[k - 1]) * x0 + math.sqrt(1 - a[k - 1]) * eps
+        np.testing.assert_allclose(x, expected, atol=1e-5)
+        assert float(jnp.max(jnp.abs(x - x0))) > 0.01  # still noisy before the last step
+    x = DIFF.ddim_step(None, x0, x, jnp.zeros((SHAPE[0],), jnp.int32), eta=0.0)
     np.testing.assert_allclose(x, x0, atol=1e-5)
 
 
@@ -202,8 +211,14 @@ def test_ddim_step_takes_a_traced_eta():
         traces.append(None)
         return DIFF.ddim_step(key, x0, xt, t, eta)
 
+    # x_{t−1} = √ᾱ_prev x̂_0 + √(1 − ᾱ_prev − σ²) ε̂ + σ z with σ = eta·σ̃_t, z from the key.
+    a, a_prev = float(DIFF.alphas_cumprod[3]), float(DIFF.alphas_cumprod[2])
+    eps = (-0.2 - math.sqrt(a) * 0.3) / math.sqrt(1 - a)
+    z = np.asarray(jax.random.normal(key, xt.shape))
     for eta in (0.0, 0.5, 1.0):
-        np.testing.assert_allclose(step(eta), DIFF.ddim_step(key, x0, xt, t, eta), atol=1e-5)
+        var = eta**2 * float(DIFF.posterior_variance[3])
+        expected = math.sqrt(a_prev) * 0.3 + math.sqrt(1 - a_prev - var) * eps + math.sqrt(var) * z
+        np.testing.assert_allclose(step(eta), expected, atol=1e-5)
     assert len(traces) == 1  # one compile for every eta
     # A traced eta = 0 is the deterministic step; a traced eta > 0 has σ² = eta² σ̃².
     np.testing.assert_allclose(step(0.0), DIFF.ddim_step(None, x0, xt, t), atol=1e-5)
@@ -286,9 +301,12 @@ def test_usable_inside_jit_as_argument_or_constant():
     def as_constant(x0, noise, t):
         return DIFF.q_sample(x0, noise, t), DIFF.model_time(t)
 
+    # Closed forms: √ᾱ_t x_0 + √(1 − ᾱ_t) ε, and (j + 1)/N at j = 0, 250, ..., 1000.
+    a = np.asarray(DIFF.alphas_cumprod).reshape(5, 1, 1, 1)
+    expected = np.sqrt(a) * np.asarray(x0) + np.sqrt(1 - a) * np.asarray(noise)
     for got in (as_argument(DIFF, x0, noise, t), as_constant(x0, noise, t)):
-        np.testing.assert_allclose(got[0], DIFF.q_sample(x0, noise, t), atol=1e-5)
-        np.testing.assert_allclose(got[1], DIFF.model_time(t))
+        np.testing.assert_allclose(got[0], expected, atol=1e-5)
+        np.testing.assert_allclose(got[1], (np.arange(0, 1001, 250) + 1) / 1001, rtol=1e-6)
 
 
 def test_bfloat16_inputs_are_computed_in_float32():

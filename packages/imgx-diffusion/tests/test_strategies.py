@@ -159,6 +159,69 @@ def test_self_condition_is_the_first_prediction_for_half_of_the_samples(strategy
     assert not np.array_equal(kept[0], kept[1]) and not np.array_equal(kept[1], kept[2])
 
 
+@pytest.mark.parametrize("probability", [0.0, 1.0])
+def test_self_conditioning_probability_is_the_share_of_conditioned_samples(probability):
+    params = _params("self_cond_same")
+    record = []
+    idf.apply_strategy(
+        "self_cond_same",
+        DIFF,
+        toy.pass_indexed_model([params], record),
+        jax.random.key(11),
+        COND_IMAGE,
+        COND_LABEL,
+        SAMPLER.init(T),
+        num_classes=NUM_CLASSES,
+        timestep_sampler=SAMPLER,
+        self_conditioning_probability=probability,
+    )
+    (m1, t1), (m2, _) = record
+    first_mask = idf.mask_from_x(idf.x0_from_logits(toy.apply(params, COND_IMAGE, m1, t1)))
+    expected = first_mask if probability == 1.0 else jnp.zeros_like(first_mask)
+    np.testing.assert_allclose(m2[..., NUM_CLASSES:], expected, atol=1e-6)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        _run("self_cond_same", toy.pass_indexed_model([params]), self_conditioning_probability=2)
+
+
+# t range of the final pass and step of the first pass, per strategy (spec §7). JAX clamps
+# an out-of-range index silently, so the drawn indices themselves are checked: on 128
+# uniform draws every step of the range appears (P(a step is missed) < 5·(4/5)^128).
+T_RANGES = [
+    ("standard", {}, T, None),
+    ("self_cond_same", {}, T, lambda t: t),
+    ("recycle_next", {}, T - 1, lambda t: t + 1),
+    ("recycle_last", {}, T - 1, lambda t: jnp.full_like(t, T - 1)),
+    ("self_cond_next", {}, T - 1, lambda t: t + 1),
+    # DGM4MICCAI 2023 code: t from [0, T), first pass at min(t + 1, T − 1).
+    ("recycle_next", {"recycle_next_clipped": True}, T, lambda t: jnp.minimum(t + 1, T - 1)),
+]
+
+
+@pytest.mark.parametrize(
+    ("strategy", "options", "t_max", "first_step"),
+    T_RANGES,
+    ids=[f"{s}{'-clipped' if o else ''}" for s, o, _, _ in T_RANGES],
+)
+def test_t_range_of_each_strategy(strategy, options, t_max, first_step):
+    record = []
+    out = idf.apply_strategy(
+        strategy,
+        DIFF,
+        toy.pass_indexed_model([_params(strategy)], record),
+        jax.random.key(5),
+        COND_IMAGE,
+        COND_LABEL,
+        SAMPLER.init(T),
+        num_classes=NUM_CLASSES,
+        timestep_sampler=SAMPLER,
+        **options,
+    )
+    assert sorted(set(np.asarray(out.t).tolist())) == list(range(t_max))
+    np.testing.assert_allclose(record[-1][1], DIFF.model_time(out.t))
+    if first_step is not None:
+        np.testing.assert_allclose(record[0][1], DIFF.model_time(first_step(out.t)))
+
+
 def _keys_of_apply_strategy(key):
     """The keys apply_strategy splits off: (t, first noise ε', noise ε, model 1, model 2, cond)."""
     return jax.random.split(jax.random.key(key), 6)
@@ -228,6 +291,10 @@ def test_configuration_errors():
         _run("recycle_and_self_cond", model)
     with pytest.raises(ValueError, match="recycle_next"):
         _run("recycle_last", model, recycle_with_posterior_mean=True)
+    with pytest.raises(ValueError, match="recycle_next"):
+        _run("recycle_last", model, recycle_next_clipped=True)
+    with pytest.raises(ValueError, match="cannot be combined"):
+        _run("recycle_next", model, recycle_next_clipped=True, recycle_with_posterior_mean=True)
     learned = idf.GaussianDiffusion.from_betas(DIFF.betas, variance="learned_range")
     with pytest.raises(ValueError, match="compute_vlb"):
         _run("standard", model, diffusion=learned)

@@ -55,7 +55,7 @@ def test_presets_apply_in_order():
     dgm = presets.make_config("amos_ct", preset="dgm4miccai2023")
     assert dgm.diffusion.strategy == "recycle_next"
     assert dgm.diffusion.variance == "fixed_large"
-    assert (dgm.loss.cross_entropy, dgm.loss.mse) == (1.0, 0.1)
+    assert (dgm.loss.cross_entropy, dgm.loss.mse) == (1.0, 0.0)
 
 
 @pytest.mark.parametrize(
@@ -68,11 +68,74 @@ def test_presets_apply_in_order():
         ({"loss.mse_target": "x0"}, "output, epsilon"),
         ({"data.shift_unit": "mm"}, "fraction, voxel"),
         ({"optimizer.ema_decay": 1.5}, "optimizer.ema_decay"),
+        ({"loss.vlb": 1.0}, "no gradient with diffusion.variance=fixed_small"),
+        ({"diffusion.recycle_posterior_mean": True}, "recycle_next, not recycle_last"),
+        ({"diffusion.recycle_next_clipped": True}, "recycle_next, not recycle_last"),
+        (
+            {
+                "diffusion.strategy": "recycle_next",
+                "diffusion.recycle_posterior_mean": True,
+                "diffusion.recycle_next_clipped": True,
+            },
+            "cannot both be true",
+        ),
+        ({"diffusion.self_cond_probability": 1.5}, r"\[0.0, 1.0\]"),
+        ({"eval.sampler": "dpm_solver"}, "ddpm, ddim, dpm_solver_2m"),
     ],
 )
 def test_invalid_choices_are_clear(overrides, match):
     with pytest.raises(config_lib.ConfigError, match=match):
         presets.make_config("phantom", overrides=overrides)
+
+
+# The papers' code (ImgX-DiffSeg at the paper's version), one row of README.md each.
+PAPER_SETTINGS = {
+    "melba2023": {
+        "diffusion.num_train_steps": 1001,
+        "diffusion.variance": "fixed_small",
+        "diffusion.strategy": "recycle_last",
+        "diffusion.timestep_sampler": "importance",
+        "loss.focal": 20.0,
+        "loss.mse": 0.0,
+        "data.gamma": 0.0,
+        "data.probability": 1.0,
+        "train.early_stopping_patience": 5,
+    },
+    "dgm4miccai2023": {
+        "diffusion.num_train_steps": 5,
+        "diffusion.variance": "fixed_large",
+        "diffusion.strategy": "recycle_next",
+        "diffusion.recycle_next_clipped": True,
+        "diffusion.timestep_sampler": "uniform",
+        "loss.cross_entropy": 1.0,
+        "loss.mse": 0.0,  # the paper's MSE(ε) was for ε-predicting models only
+        "optimizer.peak_lr": 1e-4,
+        "data.gamma": 0.0,
+        "data.probability": 1.0,
+    },
+}
+
+
+@pytest.mark.parametrize("preset", sorted(PAPER_SETTINGS))
+def test_paper_presets_are_the_papers_code(preset):
+    flat = config_lib.flatten(presets.make_config("male_pelvic_mr", preset=preset))
+    assert {k: flat[k] for k in PAPER_SETTINGS[preset]} == PAPER_SETTINGS[preset]
+    assert flat["diffusion.model_output"] == "x0"
+
+
+def test_diffusion_switches_reach_the_config():
+    cfg = presets.make_config(
+        "phantom",
+        overrides="eval.sampler=dpm_solver_2m,diffusion.strategy=recycle_next,"
+        "diffusion.recycle_posterior_mean=true",
+    )
+    assert (cfg.eval.sampler, cfg.diffusion.recycle_posterior_mean) == ("dpm_solver_2m", True)
+    cfg = presets.make_config(
+        "phantom", overrides="diffusion.strategy=self_cond_next,diffusion.self_cond_probability=1"
+    )
+    assert cfg.diffusion.self_cond_probability == 1.0
+    learned = "diffusion.variance=learned_range,loss.vlb=1"
+    assert presets.make_config("phantom", overrides=learned).loss.vlb == 1.0
 
 
 def test_unknown_preset():
@@ -110,10 +173,10 @@ def test_paper_presets_shift_in_voxels_per_dataset(data, preset, tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("preset", "expected"), [(None, False), ("melba2023", True), ("dgm4miccai2023", False)]
+    ("preset", "expected"), [(None, False), ("melba2023", True), ("dgm4miccai2023", True)]
 )
-def test_only_melba2023_keeps_the_foreground_in_view(preset, expected, tmp_path):
-    """shared/spec/presets.md: melba2023 limits the shift so the foreground stays in view."""
+def test_paper_presets_keep_the_foreground_in_view(preset, expected, tmp_path):
+    """Both papers' code limits the shift so that the foreground stays in view."""
     cfg = presets.make_config("phantom", preset=preset)
     assert cfg.data.keep_foreground_in_view is expected
     info = imgx_data.dataset_info("phantom", data_dir=tmp_path)

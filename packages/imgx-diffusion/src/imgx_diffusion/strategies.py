@@ -6,13 +6,16 @@ output, q(x_0, ε, t) the forward sample, sg the stop-gradient.
 | name             | t range   | first pass (no gradient into x_t)   | final pass input        |
 |------------------|-----------|-------------------------------------|-------------------------|
 | `standard`       | [0, T)    | —                                   | in(q(x_0, ε, t)) at t   |
-| `recycle_next`   | [0, T−1)  | f(in(q(x_0, ε', t+1))) at t+1       | in(q(sg x̂_0, ε, t)) at t |
+| `recycle_next`   | [0, T−1)  | f(in(q(x_0, ε', t+1))) at t+1       | in(q(sg x̂_0, ε, t)) at t† |
 | `recycle_last`   | [0, T−1)  | f(in(q(x_0, ε', T−1))) at T−1       | in(q(sg x̂_0, ε, t)) at t |
 | `self_cond_same` | [0, T)    | f([in(x_t), 0]) at t                | [in(x_t), c] at t       |
 | `self_cond_next` | [0, T−1)  | f([in(x_{t+1}), 0]) at t+1          | [in(x_t), c] at t (*)   |
 
 (*) x_t = posterior mean(sg x̂_0, x_{t+1}), one reverse step from x_{t+1}.
-c = sg(in(x̂_0 of the first pass)) with probability 1/2 per sample, else 0.
+(†) options: x_t = posterior mean(sg x̂_0, x_{t+1}) (``recycle_with_posterior_mean``), or
+t from [0, T) with the first pass at min(t + 1, T − 1) (``recycle_next_clipped``, the
+DGM4MICCAI 2023 code, which also trains t = T − 1).
+c = sg(in(x̂_0 of the first pass)) with probability p per sample (default 1/2), else 0.
 xt-recycling: Fu et al. arXiv 2303.06040; xT-recycling: Fu et al. arXiv 2308.16355;
 self-conditioning: Chen et al. 2022 ("same"), Watson et al. 2023 ("next").
 """
@@ -93,6 +96,8 @@ def apply_strategy(
     overlapping: bool = False,
     timestep_sampler: TimestepSampler = TimestepSampler(),  # noqa: B008 (frozen, immutable)
     recycle_with_posterior_mean: bool = False,
+    recycle_next_clipped: bool = False,
+    self_conditioning_probability: float = 0.5,
     compute_vlb: bool = False,
 ) -> StrategyOutput:
     """Run one training strategy: sample t and noise, call the network once or twice.
@@ -117,6 +122,12 @@ def apply_strategy(
         timestep_sampler: how t is drawn (importance sampling by default).
         recycle_with_posterior_mean: ``recycle_next`` only: x_t is the posterior mean
             q(x_t | x_{t+1}, x̂_0) instead of a fresh q(x̂_0, ε, t).
+        recycle_next_clipped: ``recycle_next`` only: t from [0, T) instead of [0, T − 1),
+            the first pass at min(t + 1, T − 1) (Fu et al. arXiv 2303.06040, their code), so
+            t = T − 1 is trained too (its first pass runs at the same step).
+        self_conditioning_probability: probability per sample that the second pass of a
+            self-conditioning strategy is conditioned on the first pass (else on 0);
+            Chen et al. 2022 use 1/2.
         compute_vlb: also return the variational bound term (required by ``learned_range``).
 
     Returns:
@@ -131,6 +142,20 @@ def apply_strategy(
         raise ValueError(
             "recycle_with_posterior_mean applies to strategy 'recycle_next' only, "
             f"got {strategy!r}."
+        )
+    if recycle_next_clipped and strategy != "recycle_next":
+        raise ValueError(
+            f"recycle_next_clipped applies to strategy 'recycle_next' only, got {strategy!r}."
+        )
+    if recycle_next_clipped and recycle_with_posterior_mean:
+        raise ValueError(
+            "recycle_next_clipped and recycle_with_posterior_mean cannot be combined: at "
+            "t = T − 1 the first pass runs at t itself, and one reverse step from it is not x_t."
+        )
+    if not 0.0 <= self_conditioning_probability <= 1.0:
+        raise ValueError(
+            "self_conditioning_probability must lie in [0, 1], "
+            f"got {self_conditioning_probability}."
         )
     if diffusion.variance == "learned_range" and not compute_vlb:
         raise ValueError(
@@ -155,12 +180,12 @@ def apply_strategy(
         return diffusion.q_sample(x, jax.random.normal(k, x.shape, x.dtype), t)
 
     def self_condition(first: ModelPrediction) -> jax.Array:
-        keep = jax.random.bernoulli(k_cond, 0.5, (batch_size,))
+        keep = jax.random.bernoulli(k_cond, self_conditioning_probability, (batch_size,))
         keep = keep.reshape((batch_size,) + (1,) * (x0.ndim - 1)).astype(x0.dtype)
         return jax.lax.stop_gradient(mask_from_x(first.x0)) * keep
 
     single_pass = strategy in ("standard", "self_cond_same")
-    t_max = num_timesteps if single_pass else num_timesteps - 1
+    t_max = num_timesteps if single_pass or recycle_next_clipped else num_timesteps - 1
     t, weight = timestep_sampler.sample(k_t, sampler_state, batch_size, 0, t_max)
 
     first = None
@@ -169,7 +194,7 @@ def apply_strategy(
         final = call(xt, model_input(xt), t, k_model)
     elif strategy in ("recycle_next", "recycle_last"):
         if strategy == "recycle_next":
-            t_first = t + 1
+            t_first = jnp.minimum(t + 1, num_timesteps - 1)
         else:
             t_first = jnp.full_like(t, num_timesteps - 1)
         x_first = noisy(x0, t_first, k_noise_first)

@@ -43,7 +43,7 @@ class DataConfig:
         `shift_unit`.
       shift_unit: `fraction` of the image size along the axis, or `voxel`.
       keep_foreground_in_view: clip each sample's shift so that the label's foreground
-        bounding box stays inside the (patch) view after the affine (melba2023).
+        bounding box stays inside the (patch) view after the affine (the paper presets).
       gamma: maximum |log γ| of the intensity gamma.
       probability: probability of applying each scalar augmentation parameter.
       flip: random flips along every spatial axis.
@@ -106,6 +106,14 @@ class DiffusionConfig:
       strategy: `standard`, `recycle_next`, `recycle_last`, `self_cond_same`,
         `self_cond_next`.
       timestep_sampler: `importance` or `uniform`.
+      recycle_posterior_mean: `recycle_next` only: the final pass sees the posterior mean
+        q(x_t | x_{t+1}, x̂_0), one reverse step from the first pass's input, instead of
+        q(x̂_0, ε, t) (the original toolkit's `reverse_step`).
+      recycle_next_clipped: `recycle_next` only: t from [0, T) with the first pass at
+        min(t + 1, T − 1), so t = T − 1 is trained too (the DGM4MICCAI 2023 code); default
+        t from [0, T − 1).
+      self_cond_probability: probability per sample that the second pass of a
+        self-conditioning strategy sees the first pass's estimate (else zeros).
     """
 
     num_timesteps: int = 1001
@@ -117,6 +125,9 @@ class DiffusionConfig:
     variance: str = "fixed_small"
     strategy: str = "recycle_last"
     timestep_sampler: str = "importance"
+    recycle_posterior_mean: bool = False
+    recycle_next_clipped: bool = False
+    self_cond_probability: float = 0.5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -437,7 +448,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "diffusion.beta_schedule": ("linear", "quadratic", "cosine"),
     "loss.mse_target": ("output", "epsilon"),
     "data.shift_unit": ("fraction", "voxel"),
-    "eval.sampler": ("ddpm", "ddim"),
+    "eval.sampler": ("ddpm", "ddim", "dpm_solver_2m"),
     "model.skip": ("add", "concat"),
     "model.decoder": ("mirrored", "original"),
     "model.dtype": ("auto", "float32", "bfloat16", "float16"),
@@ -497,6 +508,7 @@ RANGES: dict[str, tuple[float, float, bool]] = {
     "model.dropout": (0.0, 1.0, False),
     "diffusion.beta_start": (0.0, 1.0, False),
     "diffusion.beta_end": (0.0, 1.0, False),
+    "diffusion.self_cond_probability": (0.0, 1.0, True),
     "optimizer.b1": (0.0, 1.0, False),
     "optimizer.b2": (0.0, 1.0, False),
 }
@@ -560,4 +572,20 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             "diffusion.variance=learned_range needs loss.vlb > 0: nothing else trains the "
             "variance (e.g. --set loss.vlb=1)"
+        )
+    if d.variance != "learned_range" and cfg.loss.vlb > 0:
+        # The VLB's mean is stop-gradiented (it trains the variance only): with a fixed
+        # variance it would be logged and weighted but train nothing.
+        raise ConfigError(
+            f"loss.vlb={cfg.loss.vlb!r} has no gradient with diffusion.variance={d.variance}: "
+            "the bound trains only a learned variance; set loss.vlb=0 or "
+            "diffusion.variance=learned_range"
+        )
+    for key in ("diffusion.recycle_posterior_mean", "diffusion.recycle_next_clipped"):
+        if values[key] and d.strategy != "recycle_next":
+            raise bad(key, f"it applies to diffusion.strategy=recycle_next, not {d.strategy}")
+    if d.recycle_posterior_mean and d.recycle_next_clipped:
+        raise ConfigError(
+            "diffusion.recycle_posterior_mean and diffusion.recycle_next_clipped cannot both be "
+            "true: at t = T − 1 the first pass runs at t itself; choose one"
         )

@@ -163,6 +163,9 @@ class Task:
             num_classes=self.num_channels,
             overlapping=self.overlapping,
             timestep_sampler=self.timestep_sampler,
+            recycle_with_posterior_mean=cfg.diffusion.recycle_posterior_mean,
+            recycle_next_clipped=cfg.diffusion.recycle_next_clipped,
+            self_conditioning_probability=cfg.diffusion.self_cond_probability,
             compute_vlb=cfg.loss.vlb > 0,
         )
         loss_t, terms = idf.segmentation_loss(
