@@ -116,7 +116,17 @@ class Api:
         if self.evaluate_error is not None:
             raise self.evaluate_error
         folder = run_dir / kwargs["split"] / RESULTS
-        return {**SUMMARY, "output_dir": str(folder)}
+        summary = {**SUMMARY, "output_dir": str(folder)}
+        others = kwargs.get("ensemble_with", [])
+        if others:  # an ensemble: each run's metrics alone, as imgx_train.evaluate gives
+            folder = folder.with_name(f"{RESULTS}-ensemble_{1 + len(others)}runs_0123abcd")
+            summary["output_dir"] = str(folder)
+            summary["runs"] = [
+                {"run_dir": str(run), "task": "seg", "checkpoint": 4, "fold": k,
+                 "foreground_mean": {"dice": 0.5 + k / 10, "hd95": 3.0}}
+                for k, run in enumerate([run_dir, *others])
+            ]  # fmt: skip
+        return summary
 
     def predict(self, run_dir, inputs, output_dir, **kwargs):
         self.calls.append(("predict", (run_dir, inputs, output_dir), kwargs))

@@ -102,3 +102,76 @@ def test_info_prints_description_and_config_changes(api, imgx, run_dir):
         "config (changes from the defaults):",
     ]
     assert "train.steps = 7" in out
+
+
+# ---------------------------------------------------------------------------------------
+# Ensembles: --runs (every run) or --run plus --ensemble-with, one list of runs.
+
+
+@pytest.fixture
+def folds(tmp_path):
+    """Three run directories (what the commands look at: config.json)."""
+    paths = [tmp_path / "runs" / f"f{k}" for k in range(3)]
+    for path in paths:
+        path.mkdir(parents=True)
+        (path / "config.json").write_text("{}")
+    return paths
+
+
+@pytest.mark.parametrize("spelling", ["plain", "tuple"])
+def test_test_runs_reach_evaluate_as_one_ensemble(api, imgx, folds, spelling, monkeypatch):
+    # Fire reads `runs/f0,runs/f1` as a string and `f0,f1` (barewords) as a tuple.
+    value = ",".join(str(f) for f in folds)
+    if spelling == "tuple":
+        monkeypatch.chdir(folds[0].parent)
+        value = ",".join(f.name for f in folds)
+    code, out, _ = imgx("test", "--runs", value, "--checkpoint", "last")
+    assert code == 0
+    (first,), kwargs = api.call("evaluate")
+    assert first.name == "f0" and [p.name for p in kwargs["ensemble_with"]] == ["f1", "f2"]
+    assert kwargs["checkpoint"] == "last" and kwargs["split"] == "test"
+    assert "ensemble_3runs_0123abcd" in out
+    assert out.count("alone:") == 3 and "Dice 0.700, HD95 3.000 mm" in out
+
+
+def test_test_ensemble_with_adds_runs_to_run(api, imgx, run_dir, folds):
+    assert imgx("test", "--run", str(run_dir), "--ensemble-with", str(folds[0]))[0] == 0
+    (first,), kwargs = api.call("evaluate")
+    assert first == run_dir and kwargs["ensemble_with"] == [folds[0]]
+
+
+@pytest.mark.parametrize(
+    ("words", "fragment"),
+    [
+        (["--runs", "RUNS", "--ensemble-with", "F0"], "drop --ensemble-with"),
+        (["--runs", "F0"], "two runs or more"),
+        (["--runs", "RUNS", "--run", "F0"], "drop --run"),
+        (["--run", "F0", "--ensemble-with", "runs/nowhere"], "no run directory at runs/nowhere"),
+    ],
+)
+@pytest.mark.parametrize("command", ["test", "predict"])
+def test_bad_ensembles_are_one_line_errors(
+    api, imgx, folds, one_line_error, words, fragment, command
+):
+    (Path("scans")).mkdir(exist_ok=True)
+    names = {"RUNS": ",".join(str(f) for f in folds), "F0": str(folds[0])}
+    words = [names.get(w, w) for w in words]
+    if command == "predict":
+        words += ["-i", "scans", "-o", "out"]
+    code, _, err = imgx(command, *words)
+    one_line_error(code, err, fragment)
+    assert api.calls == []
+
+
+def test_predict_runs_and_ensemble_with_reach_predict(api, imgx, run_dir, folds):
+    Path("scans").mkdir()
+    runs = ",".join(str(f) for f in folds)
+    assert imgx("predict", "--runs", runs, "-i", "scans", "-o", "out")[0] == 0
+    (first, _, _), kwargs = api.call("predict")
+    assert first == folds[0] and kwargs["ensemble_with"] == folds[1:]
+    api.calls.clear()
+    words = ["--run", str(run_dir), "--ensemble-with", str(folds[2]), "--num-samples", "4"]
+    assert imgx("predict", *words, "-i", "scans", "-o", "out")[0] == 0
+    (first, _, _), kwargs = api.call("predict")
+    assert first == run_dir and kwargs["ensemble_with"] == [folds[2]]
+    assert kwargs["num_samples"] == 4

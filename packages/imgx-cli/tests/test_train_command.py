@@ -174,3 +174,14 @@ def test_diffusion_switches_reach_the_library_call(
     else:
         jax.eval_shape(task.loss, params, jax.random.key(1), image, label, task.init_aux())
     assert {k: seen[k] for k in expected} == expected
+
+
+def test_fold_reaches_the_config(api, imgx, one_line_error, run_dir):
+    code, out, _ = imgx("train", "--task", "seg", "--fold", "3")
+    assert code == 0
+    (cfg,), _ = api.call("train")
+    assert cfg.data.fold == 3 and cfg.data.num_folds == 5
+    assert "data.fold" in out  # printed among the changes, saved in config.json
+    one_line_error(*imgx("train", "--fold", "1", "--set", "data.fold=2")[::2], "given twice")
+    one_line_error(*imgx("train", "--fold", "5")[::2], "data.fold=5 is not valid")
+    one_line_error(*imgx("train", "--resume", str(run_dir), "--fold", "1")[::2], "drop --fold")

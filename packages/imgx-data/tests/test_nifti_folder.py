@@ -90,6 +90,20 @@ def test_user_grid_and_splits_json(tmp_path):
     np.testing.assert_allclose(geometry.spacing, (1.0, 1.0, 3.0))
 
 
+def test_folds_divide_the_train_and_valid_cases_of_a_users_splits_json(tmp_path):
+    raw = tmp_path / "raw"
+    write_nnunet(raw, 6, channels=1, shape=(4, 4, 2))
+    splits = {"train": ["case000", "case001", "case002"], "valid": ["case003"],
+              "test": ["case004", "case005"]}  # fmt: skip
+    (raw / "splits.json").write_text(json.dumps(splits))
+    _build(tmp_path, raw)
+    folds = imgx_data.cross_validation_folds("mine", tmp_path / "data", num_folds=2)
+    assert sorted(folds[0]["val"] + folds[1]["val"]) == ["case000", "case001", "case002", "case003"]
+    for k in range(2):
+        test = imgx_data.data_source("mine", "test", tmp_path / "data", fold=k, num_folds=2)
+        assert sorted(test[i]["uid"] for i in range(len(test))) == splits["test"]
+
+
 def write_decathlon(raw: Path, num_cases: int = 3) -> list[dict[str, str]]:
     """Medical Segmentation Decathlon: 2-channel 4D images; returns the training list."""
     (raw / "imagesTr").mkdir(parents=True)

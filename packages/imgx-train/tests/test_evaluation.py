@@ -216,3 +216,20 @@ def test_batch_size_does_not_change_the_predictions(run):
     one, two = probabilities(1), probabilities(2)  # 3 cases: [0], [1], [2] vs [0, 1], [2]
     assert one.shape[-1] == 3  # every sampling step
     np.testing.assert_allclose(one, two, atol=1e-5)
+
+
+def test_ensemble_of_a_run_with_its_copy_equals_the_run_alone(run, summary, tmp_path):
+    # Same model, same seed: the mean of two equal probability maps is that map.
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("test", "valid"))
+    ensemble = evaluation.evaluate(
+        run, ensemble_with=[copy], sampler="ddim", num_steps=3, seed=3, save_predictions=False
+    )
+    assert Path(ensemble["output_dir"]).name.startswith(
+        f"step_{summary['checkpoint']}-ddim_3steps-1sample-seed3-ensemble_2runs_"
+    )
+    assert [r["run_dir"] for r in ensemble["runs"]] == [str(run), str(copy)]
+    for alone in (ensemble, *ensemble["runs"]):
+        assert alone["foreground_mean"] == pytest.approx(summary["foreground_mean"], nan_ok=True)

@@ -50,6 +50,30 @@ def _run_dir(run: Any) -> Path:
     return path
 
 
+def _run_list(value: Any, option: str) -> list[Path]:
+    """`a,b` as Fire's tuple, a list, or a comma-separated string -> run directories."""
+    items = value if isinstance(value, list | tuple) else str(value).split(",")
+    names = [str(item).strip() for item in items if str(item).strip()]
+    if not names:
+        raise UsageError(f"{option} takes run directories separated by commas, got {value!r}")
+    return [_run_dir(name) for name in names]
+
+
+def _ensemble(run: Any, runs: Any, ensemble_with: Any) -> list[Path]:
+    """The runs whose probabilities are averaged: --run plus --ensemble-with, or --runs."""
+    if runs is not None and ensemble_with is not None:
+        raise UsageError("--runs lists every run of the ensemble; drop --ensemble-with")
+    if runs is not None:
+        if str(run) != LATEST_RUN:
+            raise UsageError("--runs lists every run of the ensemble; drop --run")
+        members = _run_list(runs, "--runs")
+        if len(members) < 2:
+            raise UsageError("--runs takes two runs or more (one run: --run DIR)")
+        return members
+    others = [] if ensemble_with is None else _run_list(ensemble_with, "--ensemble-with")
+    return [_run_dir(run), *others]
+
+
 def _positive_int(value: Any, option: str) -> int | None:
     if value is None:
         return None
@@ -133,12 +157,22 @@ def _print_results(summary: dict[str, Any]) -> None:
 
     class_names = list(summary.get("per_class", {}))
     _echo(reports.print_results_table(summary, class_names))
+    for alone in summary.get("runs", []):  # an ensemble: each run's own metrics
+        fg = alone["foreground_mean"]
+        _echo(
+            f"alone:     {alone['run_dir']} ({alone['task']}, step {alone['checkpoint']}): "
+            f"Dice {_number(fg.get('dice'))}, HD95 {_number(fg.get('hd95'))} mm"
+        )
     output_dir = summary.get("output_dir")
     if output_dir is not None:
         _echo(f"results:   {output_dir} (summary.json, per_case.csv, predictions)")
         overlays = Path(output_dir) / "overlays"
         if overlays.is_dir():
             _echo(f"overlays:  {overlays}{os.sep}")
+
+
+def _number(value: Any) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def _interrupted(error: BaseException) -> CommandExit:
@@ -158,6 +192,7 @@ def _train_config(
     wandb: str | None,
     preset: str | None,
     overrides: Any,
+    fold: int | None = None,
 ) -> Any:
     """The resolved config: dataset preset, named preset, --set, then the named flags."""
     from imgx_train import config as config_lib
@@ -173,6 +208,7 @@ def _train_config(
         "batch_size": ("data.global_batch_size", _positive_int(batch_size, "--batch-size")),
         "seed": ("train.seed", None if seed is None else _int(seed, "--seed")),
         "wandb": ("logging.wandb", wandb),
+        "fold": ("data.fold", None if fold is None else _int(fold, "--fold")),
     }
     for flag, (key, value) in flags.items():
         if value is None:
@@ -224,6 +260,7 @@ def train(
     wandb: str | None = None,
     preset: str | None = None,
     set: str | None = None,  # the option users type is --set
+    fold: int | None = None,
     test: bool = True,
     device: str = "auto",
 ) -> None:
@@ -234,6 +271,7 @@ def train(
       imgx train --data amos_ct --task seg
       imgx train --strategy self_cond_next --set "optimizer.peak_lr=1e-4,model.dropout=0"
       imgx train --resume runs/latest --steps 2000   # continue up to 2000 steps in total
+      imgx train --data liver --task seg --fold 0    # cross-validation fold 0 of 5
 
     Args:
       data: dataset name (`imgx datasets` lists them; `imgx build` builds one).
@@ -247,6 +285,9 @@ def train(
       wandb: offline, online or disabled; default offline.
       preset: debug, melba2023 or dgm4miccai2023 (papers' settings).
       set: any config fields, one string: "optimizer.peak_lr=1e-4,model.num_channels=[16,32]".
+      fold: cross-validation fold (0-4; data.fold): train on the other folds' train/valid
+        cases, validate on this fold's (splits_final.json beside the dataset build); the
+        test split is unchanged. data.num_folds (5) sets the number of folds.
       test: test the best checkpoint after training (--no-test skips it).
       device: auto, cpu, gpu or tpu; all local devices of that kind are used.
     """
@@ -264,6 +305,7 @@ def train(
             "wandb": wandb,
             "preset": preset,
             "set": set,
+            "fold": fold,
         }
         extra = [dashed(k) for k, v in others.items() if v not in (None, False)]
         if extra:
@@ -279,7 +321,7 @@ def train(
         except imgx_train.TrainingInterrupted as error:
             raise _interrupted(error) from None
     else:
-        cfg = _train_config(data, task, strategy, steps, batch_size, seed, wandb, preset, set)
+        cfg = _train_config(data, task, strategy, steps, batch_size, seed, wandb, preset, set, fold)
         _print_config(cfg)
         try:
             out = imgx_train.train(cfg, run_dir=_path(run_dir))
@@ -303,14 +345,25 @@ def train(
 
 
 def _evaluate(
-    split: str, run: str, sampler, num_steps, checkpoint, num_samples, seed, overwrite, device
+    split: str,
+    run: str,
+    sampler,
+    num_steps,
+    checkpoint,
+    num_samples,
+    seed,
+    overwrite,
+    device,
+    runs=None,
+    ensemble_with=None,
 ):
     select_device(device)
-    run_dir = _run_dir(run)
+    run_dir, *others = _ensemble(run, runs, ensemble_with)
     import imgx_train
 
     summary = imgx_train.evaluate(
         run_dir,
+        **({"ensemble_with": others} if others else {}),
         split=split,
         sampler=_sampler(sampler),
         num_steps=_positive_int(num_steps, "--num-steps"),
@@ -360,13 +413,24 @@ def test(
     seed: int = 0,
     overwrite: bool = False,
     device: str = "auto",
+    runs: str | None = None,
+    ensemble_with: str | None = None,
 ) -> None:
-    """Evaluate a run on the test split; writes <run>/test/<settings>/.
+    """Evaluate a run (or an ensemble of runs) on the test split; writes <run>/test/<settings>/.
 
     Writes predictions (.nii.gz / .png), per_case.csv and summary.json, and prints Dice and
     HD95 per class. <settings> names the checkpoint step and every sampling setting, e.g.
     test/step_100-ddim_10steps-5samples-seed0/ (seg: test/step_100/): other settings never
     replace earlier results, and the same settings again need --overwrite.
+
+    Ensembles average the runs' class probabilities (a diffusion run: its samples' mean),
+    each run weighing the same; the runs must share dataset, classes and grid. Results go
+    to the first run's test/<settings>-ensemble_<n>runs_<hash>/, with each run's metrics
+    alone in summary.json ("runs").
+
+    Examples:
+      imgx test --runs runs/f0,runs/f1,runs/f2,runs/f3,runs/f4    # cross-validation folds
+      imgx test --run runs/<diffusion> --ensemble-with runs/<seg>  # MELBA's ensemble
 
     Args:
       run: the run directory (made by `imgx train`).
@@ -377,8 +441,22 @@ def test(
       seed: random seed of the sampler.
       overwrite: replace earlier results of the same settings (refused without it).
       device: auto, cpu, gpu or tpu.
+      runs: the runs of an ensemble, comma-separated (instead of --run).
+      ensemble_with: runs to ensemble with --run, comma-separated.
     """
-    _evaluate("test", run, sampler, num_steps, checkpoint, num_samples, seed, overwrite, device)
+    _evaluate(
+        "test",
+        run,
+        sampler,
+        num_steps,
+        checkpoint,
+        num_samples,
+        seed,
+        overwrite,
+        device,
+        runs,
+        ensemble_with,
+    )
 
 
 def predict(
@@ -392,11 +470,18 @@ def predict(
     save_probabilities: bool = False,
     seed: int = 0,
     device: str = "auto",
+    runs: str | None = None,
+    ensemble_with: str | None = None,
 ) -> None:
     """Segment new scans with a trained run; writes <case>.nii.gz in each input's geometry.
 
-    Example:
+    Ensembles (--runs, --ensemble-with) average the runs' class probabilities, each run
+    weighing the same, and also write the _entropy and _variance maps.
+
+    Examples:
       imgx predict --run runs/latest -i scans/ -o preds/ --num-samples 5
+      imgx predict --runs runs/f0,runs/f1,runs/f2,runs/f3,runs/f4 -i scans/ -o preds/
+      imgx predict --run runs/<diffusion> --ensemble-with runs/<seg> -i scans/ -o preds/
 
     Args:
       run: the run directory (made by `imgx train`).
@@ -409,6 +494,8 @@ def predict(
       save_probabilities: also write <case>_probabilities.nii.gz (classes last).
       seed: random seed of the sampler.
       device: auto, cpu, gpu or tpu.
+      runs: the runs of an ensemble, comma-separated (instead of --run).
+      ensemble_with: runs to ensemble with --run, comma-separated.
     """
     if input is None or output is None:
         raise UsageError("predict needs -i/--input (a file or folder) and -o/--output (a folder)")
@@ -416,13 +503,14 @@ def predict(
     if not inputs.exists():
         raise UsageError(f"-i/--input: {inputs} does not exist")
     select_device(device)
-    run_dir = _run_dir(run)
+    run_dir, *others = _ensemble(run, runs, ensemble_with)
     import imgx_train
 
     result = imgx_train.predict(
         run_dir,
         inputs,
         _path(output),
+        **({"ensemble_with": others} if others else {}),
         sampler=_sampler(sampler),
         num_steps=_positive_int(num_steps, "--num-steps"),
         checkpoint=_checkpoint(checkpoint),

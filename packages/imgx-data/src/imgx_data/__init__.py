@@ -3,7 +3,7 @@
 Public API (re-exported here)::
 
     data_dir, list_datasets, dataset_info, build, existing_build, ensure_built, data_source,
-    postprocess,
+    cross_validation_folds, postprocess,
     DatasetInfo, DataSource, DatasetError, io (read_image, write_image, Geometry, ...),
     restore_to_original, resample_to_geometry, find_scans, prepare_scan, restore_scan_label,
     TrainIterator, eval_batches, AugmentationConfig, augment_batch, augment_sample,
@@ -26,6 +26,7 @@ from imgx_data.registry import (
     DatasetInfo,
     DataSource,
     build,
+    cross_validation_folds,
     data_dir,
     data_source,
     dataset_info,
@@ -45,6 +46,7 @@ __all__ = [
     "Geometry",
     "PreparedScan",
     "build",
+    "cross_validation_folds",
     "data_dir",
     "data_source",
     "dataset_info",

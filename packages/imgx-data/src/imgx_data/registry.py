@@ -31,6 +31,7 @@ from imgx_data.datasets import (
 )
 from imgx_data.datasets.base import DATASET_VERSION, METADATA_KEY, SPLITS, DatasetSpec
 from imgx_data.errors import DatasetError
+from imgx_data.folds import DEVELOPMENT_SPLITS, NUM_FOLDS, Folds, load_or_make_folds
 from imgx_data.postprocess import POSTPROCESSORS
 from imgx_data.preprocess import PERCENTILE, Intensity
 
@@ -478,13 +479,15 @@ class DataSource:
 
     ``uid`` is a str, ``image`` float32 ``(*spatial, channels)``, ``label`` uint8
     ``(*spatial)``, geometry fields as stored (see
-    :func:`imgx_data.datasets.base.example_features`).
+    :func:`imgx_data.datasets.base.example_features`). ``fold`` is the cross-validation
+    fold whose ``train``/``valid`` cases it holds, None for the build's own split.
     """
 
-    def __init__(self, source: Any, name: str, split: str) -> None:
+    def __init__(self, source: Any, name: str, split: str, fold: int | None = None) -> None:
         self._source = source
         self.name = name
         self.split = split
+        self.fold = fold
 
     def __len__(self) -> int:
         return len(self._source)
@@ -496,24 +499,101 @@ class DataSource:
         return example
 
     def __repr__(self) -> str:
-        return f"DataSource(name={self.name!r}, split={self.split!r}, len={len(self)})"
+        fold = "" if self.fold is None else f", fold={self.fold}"
+        return f"DataSource(name={self.name!r}, split={self.split!r}{fold}, len={len(self)})"
 
 
-def data_source(name: str, split: str, data_dir: str | Path | None = None) -> DataSource:
-    """Random-access source of a built dataset's split (``train``, ``valid``, ``test``).
+class _Selection:
+    """The examples at ``(source, index)`` pairs of several sources, in the given order."""
 
-    Raises:
-        DatasetError: unknown split or dataset, or dataset not built.
-    """
-    if split not in SPLITS:
-        raise DatasetError(f"Unknown split {split!r}; valid splits: {', '.join(SPLITS)}.")
+    def __init__(self, picks: list[tuple[Any, int]]) -> None:
+        self._picks = picks
+
+    def __len__(self) -> int:
+        return len(self._picks)
+
+    def __getitem__(self, index: int) -> Any:
+        source, i = self._picks[index]
+        return source[i]
+
+
+def _built_info(name: str, data_dir: str | Path | None) -> DatasetInfo:
     info = dataset_info(name, data_dir)
     if not info.is_built:
         raise DatasetError(_not_built_message(name, data_dir))
-    if not info.split_sizes.get(split):
-        raise DatasetError(f"Split {split!r} of dataset {name!r} is empty ({info.split_sizes}).")
+    return info
+
+
+def _development_uids(info: DatasetInfo) -> dict[str, list[str]]:
+    """The uids of the build's train and valid splits, in storage order."""
     builder = tfds.builder_from_directory(str(info.path))
-    return DataSource(builder.as_data_source(split=split), name, split)
+    skip = {"image": tfds.decode.SkipDecoding(), "label": tfds.decode.SkipDecoding()}
+    uids = {}
+    for split in DEVELOPMENT_SPLITS:
+        if not info.split_sizes.get(split):
+            uids[split] = []
+            continue
+        source = builder.as_data_source(split=split, decoders=skip)
+        uids[split] = [source[i]["uid"].decode("utf-8") for i in range(len(source))]
+    return uids
+
+
+def cross_validation_folds(
+    name: str, data_dir: str | Path | None = None, num_folds: int = NUM_FOLDS
+) -> Folds:
+    """The dataset's cross-validation folds (nnU-Net's ``splits_final.json``).
+
+    Made on first use from the build's train and valid cases and stored beside the build;
+    see :mod:`imgx_data.folds`.
+
+    Raises:
+        DatasetError: dataset not built, too few cases, or a bad ``splits_final.json``.
+    """
+    info = _built_info(name, data_dir)
+    uids = [u for split in _development_uids(info).values() for u in split]
+    return load_or_make_folds(info.path, uids, num_folds)
+
+
+def data_source(
+    name: str,
+    split: str,
+    data_dir: str | Path | None = None,
+    *,
+    fold: int | None = None,
+    num_folds: int = NUM_FOLDS,
+) -> DataSource:
+    """Random-access source of a built dataset's split (``train``, ``valid``, ``test``).
+
+    With ``fold`` i (0 <= i < ``num_folds``), ``train`` holds the train cases of
+    cross-validation fold i and ``valid`` its ``val`` cases (sorted by uid; see
+    :func:`cross_validation_folds`); ``test`` is the build's test split whatever the fold.
+
+    Raises:
+        DatasetError: unknown split or dataset, dataset not built, or a fold out of range.
+    """
+    if split not in SPLITS:
+        raise DatasetError(f"Unknown split {split!r}; valid splits: {', '.join(SPLITS)}.")
+    info = _built_info(name, data_dir)
+    builder = tfds.builder_from_directory(str(info.path))
+    if fold is None or split == "test":
+        if not info.split_sizes.get(split):
+            raise DatasetError(
+                f"Split {split!r} of dataset {name!r} is empty ({info.split_sizes})."
+            )
+        return DataSource(builder.as_data_source(split=split), name, split)
+    if not 0 <= fold < num_folds:
+        raise DatasetError(
+            f"Fold {fold} of dataset {name!r}: folds are numbered 0 to {num_folds - 1} "
+            f"(data.num_folds={num_folds})."
+        )
+    uids = _development_uids(info)
+    folds = load_or_make_folds(info.path, [u for s in uids.values() for u in s], num_folds)
+    sources = {s: builder.as_data_source(split=s) for s in DEVELOPMENT_SPLITS if uids[s]}
+    where = {u: (sources[s], i) for s in DEVELOPMENT_SPLITS for i, u in enumerate(uids[s])}
+    chosen = folds[fold]["train" if split == "train" else "val"]
+    if not chosen:
+        raise DatasetError(f"Fold {fold} of dataset {name!r} has no {split} cases.")
+    return DataSource(_Selection([where[u] for u in chosen]), name, split, fold)
 
 
 def postprocess(name: str, label: np.ndarray, spacing: Any = None) -> np.ndarray:
@@ -539,6 +619,7 @@ __all__ = [
     "DataSource",
     "DatasetInfo",
     "build",
+    "cross_validation_folds",
     "data_dir",
     "data_source",
     "dataset_info",

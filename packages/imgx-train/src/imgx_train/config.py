@@ -47,6 +47,11 @@ class DataConfig:
       gamma: maximum |log γ| of the intensity gamma.
       probability: probability of applying each scalar augmentation parameter.
       flip: random flips along every spatial axis.
+      fold: cross-validation fold i (`imgx train --fold i`): train on the other folds'
+        cases of the build's train+valid splits, validate on fold i's (nnU-Net's
+        `splits_final.json` beside the build, see `imgx_data.cross_validation_folds`);
+        the test split stays the test split. None: the build's own train/valid splits.
+      num_folds: number of cross-validation folds (5, as nnU-Net).
     """
 
     name: str = "phantom"
@@ -67,6 +72,8 @@ class DataConfig:
     gamma: float = 0.3
     probability: float = 0.5
     flip: bool = False
+    fold: int | None = None
+    num_folds: int = 5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -560,6 +567,10 @@ def validate(cfg: Config) -> None:
     decay = cfg.optimizer.ema_decay
     if decay is not None and not 0.0 <= decay < 1.0:
         raise bad("optimizer.ema_decay", "it must lie in [0, 1) (the spec's value is 0.999)")
+    if cfg.data.num_folds < 2:
+        raise bad("data.num_folds", "it must be at least 2")
+    if cfg.data.fold is not None and not 0 <= cfg.data.fold < cfg.data.num_folds:
+        raise bad("data.fold", f"folds are numbered 0 to {cfg.data.num_folds - 1}")
     d = cfg.diffusion
     if d.num_timesteps < 2:
         raise bad("diffusion.num_timesteps", "it must be at least 2")

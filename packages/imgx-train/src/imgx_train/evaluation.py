@@ -9,14 +9,24 @@ Results never overwrite other results: the folder is named by every setting that
 the numbers (`results_name`: checkpoint step, sampler, sampling steps, DDIM's eta, number
 of samples, seed), and a folder that already holds results of the same settings is only
 replaced with `overwrite=True` (`ResultsExist` otherwise).
+
+Ensembles: `evaluate(run, ensemble_with=[other runs])` averages the class probabilities
+of several runs (`Member`s) case by case — cross-validation folds of one model, or the
+MELBA paper's segmentation + diffusion ensemble. Each run weighs the same; a diffusion run
+contributes the mean over its samples of the final sampling step. The runs must share
+the dataset, its classes and geometry (`check_ensemble`). The summary reports the
+ensemble's metrics and, under `runs`, each run's alone; the folder name gets
+`-ensemble_<n>runs_<hash>` (`ensemble_name`), so it never replaces single-run results.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import shutil
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -101,13 +111,15 @@ def iterate_cases(
     num_samples: int = 1,
     max_cases: int | None = None,
     batch_size: int | None = None,
+    last_step_only: bool = False,
 ) -> Iterator[tuple[dict[str, Any], np.ndarray]]:
     """Yields (example, probabilities (*spatial, C, K)) for the cases of a source in order.
 
     Case i is predicted with the key `fold_in(key(seed), i)` (as `case_probabilities`
     uses it) whatever the batching, so the same seed gives the same predictions and they
     do not depend on the batch size. Whole-image datasets are predicted in batches of
-    `batch_size` (default `data.eval_batch_size`) cases.
+    `batch_size` (default `data.eval_batch_size`) cases. `last_step_only`: K = 1, the
+    final sampling step (see `case_probabilities`).
     """
     n = len(source) if max_cases is None else min(len(source), max_cases)
     base_key = jax.random.key(seed)
@@ -118,7 +130,13 @@ def iterate_cases(
             yield (
                 example,
                 case_probabilities(
-                    task, predict, params, key, example["image"], num_samples=num_samples
+                    task,
+                    predict,
+                    params,
+                    key,
+                    example["image"],
+                    num_samples=num_samples,
+                    last_step_only=last_step_only,
                 ),
             )
         return
@@ -136,7 +154,8 @@ def iterate_cases(
         keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(base_key, i), 0))(
             np.asarray(indices, np.uint32)
         )
-        probs = np.asarray(batched(params, keys, images))
+        probs = batched(params, keys, images)
+        probs = np.asarray(probs[..., -1:] if last_step_only else probs)
         yield from zip(examples, probs[: len(examples)], strict=True)
 
 
@@ -169,13 +188,24 @@ def case_metrics(
     return final_label, final, per_step
 
 
+def split_source(cfg: config_lib.Config, split: str) -> imgx_data.DataSource:
+    """A split of the run's dataset; `train`/`valid` of its fold when `data.fold` is set."""
+    return imgx_data.data_source(
+        cfg.data.name,
+        split,
+        data_dir=cfg.data.data_dir,
+        fold=cfg.data.fold,
+        num_folds=cfg.data.num_folds,
+    )
+
+
 class Validator:
     """Mean foreground Dice on (part of) the validation split during training."""
 
     def __init__(self, cfg: config_lib.Config, task: tasks.Task, mesh):
         self.cfg = cfg
         self.task = task
-        self.source = imgx_data.data_source(cfg.data.name, "valid", data_dir=cfg.data.data_dir)
+        self.source = split_source(cfg, "valid")
         self.predict = task.predict_fn(cfg.eval.sampler, cfg.eval.num_steps, cfg.eval.eta)
         self.mesh = mesh
 
@@ -272,9 +302,120 @@ def results_name(
     return f"{name}-{steps}-{samples}-seed{seed}"
 
 
+class EnsembleMismatch(config_lib.ConfigError):
+    """Runs whose probabilities cannot be averaged (another dataset, classes or grid)."""
+
+
+@dataclasses.dataclass
+class Member:
+    """One run of an ensemble with the sampling settings it is predicted with.
+
+    `num_samples` is 1 for a seg run (deterministic); `sampler` and `num_steps` are those
+    of a diffusion run (None for seg).
+    """
+
+    restored: RestoredRun
+    predict: ProbabilityFn
+    sampler: str | None
+    num_steps: int | None
+    num_samples: int
+
+
+def check_ensemble(restored: Sequence[RestoredRun], split: str = "test") -> None:
+    """Checks that runs can be ensembled: one dataset, its classes and its grid.
+
+    Raises:
+      EnsembleMismatch: a run listed twice, or two runs that differ in dataset, classes,
+        spacing, shape, channels or intensities (naming both runs and the difference),
+        or, on a split other than test, in their cross-validation fold (other cases).
+    """
+    first = restored[0]
+    seen: dict[Path, Path] = {}
+    for run in restored:
+        where = run.run_dir.resolve()
+        if where in seen:
+            raise EnsembleMismatch(f"run {run.run_dir} is listed twice in the ensemble")
+        seen[where] = run.run_dir
+    a = first.task.info
+    for other in restored[1:]:
+        b = other.task.info
+        fields = [
+            ("dataset", a.name, b.name),
+            ("classes", tuple(a.class_names), tuple(b.class_names)),
+            ("spacing (mm)", tuple(a.spacing), tuple(b.spacing)),
+            ("shape", tuple(a.image_shape), tuple(b.image_shape)),
+            ("channels", a.num_channels, b.num_channels),
+            ("intensities", a.intensity, b.intensity),
+        ]
+        if split != "test":
+            # Other folds validate on other cases: folds are ensembled on the test split.
+            folds = (first.cfg.data.fold, other.cfg.data.fold)
+            fields.append((f"fold (of the {split} cases)", *folds))
+        differences = [f"{what} {x!r} vs {y!r}" for what, x, y in fields if x != y]
+        if differences:
+            raise EnsembleMismatch(
+                f"runs {first.run_dir} and {other.run_dir} cannot be ensembled: "
+                f"{'; '.join(differences)}; ensemble runs trained on the same dataset build"
+            )
+
+
+def ensemble_members(
+    run_dirs: Sequence[str | Path],
+    *,
+    checkpoint: str | int = "best",
+    sampler: str | None = None,
+    num_steps: int | None = None,
+    num_samples: int = 1,
+    split: str = "test",
+) -> list[Member]:
+    """Restores runs (`restore_run`) and checks them (`check_ensemble`).
+
+    `sampler`, `num_steps` (default: each run's config) and `num_samples` apply to the
+    diffusion runs; a seg run is predicted once.
+    """
+    if num_samples < 1:
+        raise config_lib.ConfigError(f"num_samples must be at least 1, got {num_samples}")
+    restored = [restore_run(run_dir, checkpoint) for run_dir in run_dirs]
+    check_ensemble(restored, split)
+    members = []
+    for run in restored:
+        cfg, task = run.cfg, run.task
+        run_sampler = sampler or cfg.eval.sampler
+        run_steps = num_steps or cfg.eval.num_steps
+        predict = task.predict_fn(run_sampler, run_steps, cfg.eval.eta)
+        if task.is_diffusion:
+            members.append(Member(run, predict, run_sampler, run_steps, num_samples))
+        else:
+            members.append(Member(run, predict, None, None, 1))
+    return members
+
+
+def ensemble_name(members: Sequence[Member], seed: int) -> str:
+    """`ensemble_<n>runs_<hash>`: the hash (8 hex digits of SHA-1) of, per run in order,
+    its resolved path, checkpoint step and sampling settings (and of the seed when a run
+    samples), so that other runs or settings never share a folder; `summary.json` lists
+    them in full under `runs`."""
+    ids = [
+        [
+            str(m.restored.run_dir.resolve()),
+            m.restored.step,
+            m.sampler,
+            m.num_steps,
+            m.num_samples,
+            m.restored.cfg.eval.eta if m.sampler else None,
+        ]
+        for m in members
+    ]
+    if any(m.sampler for m in members):
+        ids.append(seed)
+    digest = hashlib.sha1(json.dumps(ids).encode()).hexdigest()[:8]
+    return f"ensemble_{len(members)}runs_{digest}"
+
+
 def evaluate(
     run_dir: str | Path,
     *,
+    ensemble_with: Sequence[str | Path] = (),
     split: str = "test",
     sampler: str | None = None,
     num_steps: int | None = None,
@@ -292,28 +433,42 @@ def evaluate(
     `overlays/<uid>.png`; the directory is written to a temporary name and moved in place
     when complete (nothing is left of a failed evaluation). Results of other settings are
     never touched; those of the same settings are replaced only with `overwrite`, else
-    `ResultsExist` is raised before any case is predicted. The summary gets `output_dir`
-    and `checkpoint`.
+    `ResultsExist` is raised before any case is predicted. The summary gets `output_dir`,
+    `checkpoint` and the run's cross-validation `fold` (None without).
+
+    With `ensemble_with` (other run directories), the label is that of the mean of the
+    runs' probabilities (module docstring); the results go to `<run>/<split>/<results_name
+    of run>-<ensemble_name>/`, and the summary adds `runs`: per run its `run_dir`, `task`,
+    `checkpoint`, `fold`, sampling settings and its own metrics (`num_cases`,
+    `foreground_mean`, `per_class`, `empty`). Checkpoint and sampling settings apply to
+    every run (`ensemble_members`); per-step metrics are the single run's only.
     """
     if split not in ("valid", "test"):
         raise ValueError(f"split must be valid or test, got {split!r}")
-    restored = restore_run(run_dir, checkpoint)
-    cfg, task = restored.cfg, restored.task
+    members = ensemble_members(
+        [run_dir, *ensemble_with],
+        checkpoint=checkpoint,
+        sampler=sampler,
+        num_steps=num_steps,
+        num_samples=num_samples,
+        split=split,
+    )
+    first = members[0]
+    restored, cfg, task = first.restored, first.restored.cfg, first.restored.task
     sampler = sampler or cfg.eval.sampler
     num_steps = num_steps or cfg.eval.num_steps
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be at least 1, got {num_samples}")
-    predict = task.predict_fn(sampler, num_steps, cfg.eval.eta)
-    source = imgx_data.data_source(cfg.data.name, split, data_dir=cfg.data.data_dir)
+    source = split_source(cfg, split)
     name = results_name(
         step=restored.step,
-        is_diffusion=task.is_diffusion,
+        is_diffusion=any(m.sampler for m in members),
         sampler=sampler,
         num_steps=num_steps,
         num_samples=num_samples,
         seed=seed,
         eta=cfg.eval.eta,
     )
+    if len(members) > 1:
+        name += f"-{ensemble_name(members, seed)}"
     out_dir = restored.run_dir / split / name
     if out_dir.exists() and not overwrite:
         raise ResultsExist(out_dir)
@@ -326,13 +481,18 @@ def evaluate(
         if main:
             (tmp_dir / "predictions").mkdir(parents=True)
             (tmp_dir / "overlays").mkdir()
-        rows = []
-        cases = iterate_cases(
-            task, predict, restored.params, source, seed=seed, num_samples=num_samples
-        )
+        rows: list[dict[str, Any]] = []
+        member_rows: list[list[dict[str, Any]]] = [[] for _ in members]
+        tolerance = cfg.eval.tolerance_mm
+        if len(members) == 1:
+            cases = iterate_cases(
+                task, first.predict, restored.params, source, seed=seed, num_samples=num_samples
+            )
+        else:
+            cases = _ensemble_probabilities(members, source, seed, member_rows, tolerance)
         for i, (example, probs) in enumerate(cases):
             uid = str(example["uid"])
-            label, final, per_step = case_metrics(task, example, probs, cfg.eval.tolerance_mm)
+            label, final, per_step = case_metrics(task, example, probs, tolerance)
             rows.append(reports.case_row(uid, final, per_step))
             if main and save_predictions:
                 _write_prediction(tmp_dir / "predictions", uid, label, example)
@@ -346,16 +506,23 @@ def evaluate(
                     spacing=tuple(float(s) for s in example["spacing"]),
                 )
         summary = reports.summarize(rows, task.class_names)
+        sampling = any(m.sampler for m in members)
         summary.update(
             {
                 "split": split,
                 "checkpoint": restored.step,
-                "sampler": sampler if task.is_diffusion else None,
-                "num_steps": num_steps if task.is_diffusion else None,
+                "fold": cfg.data.fold,
+                "sampler": sampler if sampling else None,
+                "num_steps": num_steps if sampling else None,
                 "num_samples": num_samples,
                 "seed": seed,
             }
         )
+        if len(members) > 1:
+            summary["runs"] = [
+                _member_summary(m, r, task.class_names)
+                for m, r in zip(members, member_rows, strict=True)
+            ]
         if main:
             reports.write_per_case_csv(tmp_dir / "per_case.csv", rows, task.class_names)
             reports.write_summary_json(tmp_dir / "summary.json", summary)
@@ -367,6 +534,60 @@ def evaluate(
     distributed.barrier("imgx-evaluate-written")  # no process returns before the files exist
     summary["output_dir"] = str(out_dir)
     return summary
+
+
+def _ensemble_probabilities(
+    members: Sequence[Member],
+    source: Any,
+    seed: int,
+    member_rows: list[list[dict[str, Any]]],
+    tolerance_mm: float,
+) -> Iterator[tuple[dict[str, Any], np.ndarray]]:
+    """(example, Σ_r p_r / R (*spatial, C, 1)) per case, p_r the final-step probabilities
+    of run r (its samples' mean); each run's own metrics of the case are appended to
+    `member_rows` on the way.
+
+    The runs predict the cases side by side: a batch of cases per run is held, whatever
+    the split's size.
+    """
+    streams = [
+        iterate_cases(
+            m.restored.task,
+            m.predict,
+            m.restored.params,
+            source,
+            seed=seed,
+            num_samples=m.num_samples,
+            last_step_only=True,
+        )
+        for m in members
+    ]
+    for cases in zip(*streams, strict=True):
+        example = cases[0][0]
+        uid = str(example["uid"])
+        total = None
+        for m, rows, (_, p) in zip(members, member_rows, cases, strict=True):
+            _, final, _ = case_metrics(m.restored.task, example, p, tolerance_mm)
+            rows.append(reports.case_row(uid, final))
+            total = p.astype(np.float32) if total is None else total + p
+        yield example, total / len(members)
+
+
+def _member_summary(
+    member: Member, rows: list[dict[str, Any]], class_names: Sequence[str]
+) -> dict[str, Any]:
+    run = member.restored
+    alone = reports.summarize(rows, class_names)
+    return {
+        "run_dir": str(run.run_dir),
+        "task": run.cfg.train.task,
+        "checkpoint": run.step,
+        "fold": run.cfg.data.fold,
+        "sampler": member.sampler,
+        "num_steps": member.num_steps,
+        "num_samples": member.num_samples,
+        **{key: alone[key] for key in ("num_cases", "foreground_mean", "per_class", "empty")},
+    }
 
 
 def _move_in_place(tmp_dir: Path, out_dir: Path, overwrite: bool) -> None:

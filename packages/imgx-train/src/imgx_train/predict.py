@@ -5,7 +5,8 @@ dataset's spacing and intensities exactly as at training, predicted (whole image
 Gaussian-blended sliding windows, stitched on the host), and resampled back onto its own
 grid. Diffusion runs with `num_samples` S > 1 give an ensemble: the label of the mean
 probabilities plus uncertainty maps (predictive entropy and the variance across samples
-averaged over classes).
+averaged over classes). Several runs (`ensemble_with`: cross-validation folds, or a seg
+and a diffusion run as in the MELBA paper) are ensembled alike, each run weighing the same.
 
 Memory stays bounded: only the final sampling step of each sample is copied back and
 stitched (not the K intermediate ones), and the S samples are summed on the host in
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import os
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -133,15 +135,18 @@ def check_outputs(inputs: str | Path, output_dir: str | Path) -> None:
 
 
 class Ensemble(NamedTuple):
-    """Summary of S samples of class probabilities (*spatial, C) on the prediction grid.
+    """Summary of weighted samples of class probabilities (*spatial, C) on the prediction
+    grid (weights w_s, W = Σ_s w_s; all 1 for one run's S samples).
 
     Attributes:
-      mean: Σ_s p_s / S, (*spatial, C).
+      mean: Σ_s w_s p_s / W, (*spatial, C).
       label: the task's label of `mean` (argmax, or nested regions: #{regions ≥ 0.5}).
       entropy: predictive entropy of `mean`, −Σ_c m log m (nested regions: binary entropy
         summed over regions), (*spatial).
-      variance: population variance over samples, Σ_s (p_s − mean)² / S, averaged over
-        classes, (*spatial).
+      variance: population variance over the samples, Σ_s w_s (p_s − mean)² / W,
+        averaged over classes, (*spatial). For runs weighted equally (w = 1/S_r) it is
+        the variance of the runs' mixture: the mean within-run variance plus the variance
+        of the runs' means.
     """
 
     mean: np.ndarray
@@ -153,34 +158,38 @@ class Ensemble(NamedTuple):
 class RunningEnsemble:
     """Accumulates samples on the host in running sums: memory does not grow with S.
 
-    Holds two arrays of one sample's size (the sum and Welford's sum of squared deviations,
-    which avoids the cancellation of Σp² − S·mean²), in float32 like the samples.
+    Holds two arrays of one sample's size (the weighted sum and the weighted form of
+    Welford's sum of squared deviations, West 1979, which avoids the cancellation of
+    Σp² − W·mean²), in float32 like the samples.
     """
 
     def __init__(self, *, overlapping: bool):
         self.overlapping = overlapping
-        self.count = 0
+        self.weight = 0.0
         self._total: np.ndarray | None = None
         self._m2: np.ndarray | None = None
 
-    def add(self, probabilities: np.ndarray) -> None:
-        """Adds one sample's probabilities (*spatial, C)."""
+    def add(self, probabilities: np.ndarray, weight: float = 1.0) -> None:
+        """Adds one sample's probabilities (*spatial, C) with weight w > 0."""
+        if not weight > 0:
+            raise ValueError(f"RunningEnsemble.add: the weight must be > 0, got {weight}")
         x = np.asarray(probabilities, np.float32)
-        self.count += 1
         if self._total is None:
-            self._total = x.copy()
+            self.weight = weight
+            self._total = x * np.float32(weight)
             self._m2 = np.zeros_like(x)
             return
-        previous = self._total / (self.count - 1)
-        self._total += x
-        self._m2 += (x - previous) * (x - self._total / self.count)
+        previous = self._total / self.weight
+        self.weight += weight
+        self._total += x * np.float32(weight)
+        self._m2 += np.float32(weight) * (x - previous) * (x - self._total / self.weight)
 
     def result(self) -> Ensemble:
         # The same maps as `imgx_diffusion.ensemble_from_probabilities`, computed here in
         # numpy on the host so that a whole volume never has to fit on the accelerator.
         if self._total is None:
             raise ValueError("RunningEnsemble.result: no sample was added.")
-        mean = self._total / self.count
+        mean = self._total / self.weight
 
         def plogp(p):
             return np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0)
@@ -191,7 +200,7 @@ class RunningEnsemble:
         else:
             label = np.argmax(mean, axis=-1)
             entropy = -np.sum(plogp(mean), axis=-1)
-        variance = np.mean(self._m2 / self.count, axis=-1)
+        variance = np.mean(self._m2 / self.weight, axis=-1)
         return Ensemble(mean, label.astype(np.uint8), entropy, variance)
 
 
@@ -216,6 +225,7 @@ def predict(
     inputs: str | Path,
     output_dir: str | Path,
     *,
+    ensemble_with: Sequence[str | Path] = (),
     sampler: str | None = None,
     num_steps: int | None = None,
     checkpoint: str | int = "best",
@@ -225,9 +235,15 @@ def predict(
 ) -> dict[str, Any]:
     """Predicts every case of `inputs` (a file or a folder) into `output_dir`.
 
-    Writes `<case>.nii.gz` (labels, the input's own grid), with S > 1 samples also
-    `<case>_entropy.nii.gz` and `<case>_variance.nii.gz`, and with `save_probabilities`
-    `<case>_probabilities.nii.gz` (float32, classes on the last axis).
+    Writes `<case>.nii.gz` (labels, the input's own grid), with S > 1 samples (or an
+    ensemble) also `<case>_entropy.nii.gz` and `<case>_variance.nii.gz`, and with
+    `save_probabilities` `<case>_probabilities.nii.gz` (float32, classes on the last axis).
+
+    With `ensemble_with` (other run directories, checked by
+    `evaluation.check_ensemble`), the label is that of the runs' mean probabilities, each
+    run weighing the same: run r's S_r samples (1 for seg) get weight 1/S_r, summed in one
+    `RunningEnsemble` (the variance map is then that of the runs' mixture). Checkpoint and
+    sampling settings apply to every run (`evaluation.ensemble_members`).
 
     Nothing is loaded or written when `output_dir` could overwrite or mix with the
     inputs (`check_outputs`).
@@ -236,16 +252,22 @@ def predict(
       {"written": [paths], "failures": [(input path, message)]}.
     """
     check_outputs(inputs, output_dir)
-    restored = evaluation.restore_run(run_dir, checkpoint)
-    cfg, task, info = restored.cfg, restored.task, restored.task.info
-    sampler = sampler or cfg.eval.sampler
-    num_steps = num_steps or cfg.eval.num_steps
     if num_samples < 1:
         raise ConfigError(f"num_samples must be at least 1, got {num_samples}")
-    if num_samples > 1 and not task.is_diffusion:
+    members = evaluation.ensemble_members(
+        [run_dir, *ensemble_with],
+        checkpoint=checkpoint,
+        sampler=sampler,
+        num_steps=num_steps,
+        num_samples=num_samples,
+    )
+    task, info = members[0].restored.task, members[0].restored.task.info
+    if num_samples > 1 and not any(m.restored.task.is_diffusion for m in members):
         raise ConfigError("num_samples > 1 needs a diffusion run: a seg model is deterministic")
+    # Each run weighs the same; max S / S_r keeps one run's weights at exactly 1.
+    most = max(m.num_samples for m in members)
+    uncertainty = sum(m.num_samples for m in members) > 1
     cases, problems = _cases(Path(inputs), info.num_channels)
-    predict_fn = task.predict_fn(sampler, num_steps, cfg.eval.eta)
     output_dir = Path(output_dir)
     # With several processes, each predicts every case and process 0 writes.
     main = devices.is_main_process()
@@ -266,20 +288,21 @@ def predict(
             )
             key = case_key(base_key, case)
             running = RunningEnsemble(overlapping=task.overlapping)
-            for s in range(num_samples):
-                probabilities = evaluation.case_probabilities(
-                    task,
-                    predict_fn,
-                    restored.params,
-                    jax.random.fold_in(key, s),
-                    scan.image,
-                    last_step_only=True,  # the other steps are never copied or stitched
-                )
-                running.add(probabilities[..., 0])
+            for m in members:
+                for s in range(m.num_samples):
+                    probabilities = evaluation.case_probabilities(
+                        m.restored.task,
+                        m.predict,
+                        m.restored.params,
+                        jax.random.fold_in(key, s),
+                        scan.image,
+                        last_step_only=True,  # the other steps are never copied or stitched
+                    )
+                    running.add(probabilities[..., 0], weight=most / m.num_samples)
             ensemble = running.result()
             label = imgx_data.postprocess(info.name, ensemble.label, scan.grid.spacing)
             outputs = {f"{case}.nii.gz": imgx_data.restore_scan_label(label, scan)}
-            if num_samples > 1:
+            if uncertainty:
                 outputs[f"{case}_entropy.nii.gz"] = _resample(ensemble.entropy, scan)
                 outputs[f"{case}_variance.nii.gz"] = _resample(ensemble.variance, scan)
             if save_probabilities:

@@ -49,7 +49,7 @@ RUNS_ROOT = Path("runs")
 
 
 def new_run_dir(cfg: config_lib.Config, root: str | Path = RUNS_ROOT) -> Path:
-    """Creates and returns `runs/<YYYYmmdd-HHMMSS>-<data>-<task>[-<n>]`.
+    """Creates and returns `runs/<YYYYmmdd-HHMMSS>-<data>-<task>[-fold<k>][-<n>]`.
 
     The folder is made here, without `exist_ok`: two processes that start in the same
     second race for the name in `mkdir`, which only one wins; the other takes the next
@@ -58,6 +58,8 @@ def new_run_dir(cfg: config_lib.Config, root: str | Path = RUNS_ROOT) -> Path:
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     root = Path(root)
     base = f"{stamp}-{cfg.data.name}-{cfg.train.task}"
+    if cfg.data.fold is not None:
+        base += f"-fold{cfg.data.fold}"
     i = 0
     try:
         root.mkdir(parents=True, exist_ok=True)

@@ -398,7 +398,7 @@ def _train(
     # Built inside jit so that each process creates its part of the replicated global
     # arrays (device_put cannot target devices of other hosts).
     state = jax.jit(lambda: init_state(cfg, task, tx), out_shardings=replicated)()
-    train_source = imgx_data.data_source(cfg.data.name, "train", data_dir=cfg.data.data_dir)
+    train_source = evaluation.split_source(cfg, "train")
     iterator = imgx_data.TrainIterator(
         train_source,
         global_batch_size=cfg.data.global_batch_size,
