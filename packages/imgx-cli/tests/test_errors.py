@@ -64,7 +64,7 @@ def test_user_errors_are_one_line(api, imgx, one_line_error, words, fragments):
 @pytest.mark.parametrize("split", ["test", "valid"])
 def test_bad_evaluation_options(api, imgx, one_line_error, run_dir, split):
     for words, fragment in [
-        (["--sampler", "euler"], "--sampler takes ddpm or ddim"),
+        (["--sampler", "euler"], "--sampler takes ddpm, ddim, dpm_solver_2m"),
         (["--checkpoint", "first"], "--checkpoint takes best, last or a step number"),
         (["--num-samples", "0"], "--num-samples takes a whole number of at least 1"),
     ]:

@@ -20,6 +20,13 @@ def test_evaluation_options_reach_evaluate(api, imgx, run_dir, split):
     assert str(run_dir / split / api.results) in out
 
 
+def test_every_sampler_of_the_config_reaches_evaluate(api, imgx, run_dir):
+    samplers = ["ddpm", "ddim", "dpm_solver_2m"]
+    for sampler in samplers:
+        assert imgx("test", "--run", str(run_dir), "--sampler", sampler)[0] == 0
+    assert [kwargs["sampler"] for _, _, kwargs in api.calls] == samplers
+
+
 @pytest.mark.parametrize("split", ["valid", "test"])
 def test_overwrite_reaches_evaluate_and_refusals_are_one_line(api, imgx, run_dir, split):
     assert imgx(split, "--run", str(run_dir), "--overwrite")[0] == 0

@@ -12,7 +12,6 @@ from typing import Any
 from imgx_cli import printing
 from imgx_cli.argv import UsageError, dashed
 
-SAMPLERS = ("ddpm", "ddim")
 SPLITS = ("train", "valid", "test")
 DEVICES = ("auto", "cpu", "gpu", "tpu")
 LATEST_RUN = "runs/latest"
@@ -98,8 +97,13 @@ def _checkpoint(value: Any) -> str | int:
 
 
 def _sampler(value: Any) -> str | None:
-    if value is not None and value not in SAMPLERS:
-        raise UsageError(f"--sampler takes {' or '.join(SAMPLERS)}, got {value!r}")
+    if value is None:
+        return None
+    from imgx_train.config import CHOICES  # the samplers the config accepts
+
+    samplers = CHOICES["eval.sampler"]
+    if value not in samplers:
+        raise UsageError(f"--sampler takes {', '.join(samplers)}, got {value!r}")
     return value
 
 
@@ -393,7 +397,7 @@ def valid(
 
     Args:
       run: the run directory (made by `imgx train`).
-      sampler: diffusion sampler, ddpm or ddim; default: the run's (ddpm).
+      sampler: diffusion sampler, ddpm, ddim or dpm_solver_2m; default: the run's.
       num_steps: diffusion sampling steps; default: the run's (5).
       checkpoint: best, last or a step number.
       num_samples: samples per case (diffusion); their mean probability gives the label.
@@ -434,7 +438,7 @@ def test(
 
     Args:
       run: the run directory (made by `imgx train`).
-      sampler: diffusion sampler, ddpm or ddim; default: the run's (ddpm).
+      sampler: diffusion sampler, ddpm, ddim or dpm_solver_2m; default: the run's.
       num_steps: diffusion sampling steps; default: the run's (5).
       checkpoint: best, last or a step number.
       num_samples: samples per case (diffusion); their mean probability gives the label.
@@ -487,7 +491,7 @@ def predict(
       run: the run directory (made by `imgx train`).
       input: a NIfTI file or a folder of them (channels as _0000, _0001 ...; 2D: also PNG).
       output: the folder for the predictions; never the inputs' folder (refused).
-      sampler: diffusion sampler, ddpm or ddim; default: the run's (ddpm).
+      sampler: diffusion sampler, ddpm, ddim or dpm_solver_2m; default: the run's.
       num_steps: diffusion sampling steps; default: the run's (5).
       checkpoint: best, last or a step number.
       num_samples: samples per case (diffusion); >1 also writes _entropy and _variance maps.
