@@ -140,7 +140,9 @@ def test_plan_3d_anisotropic_fits_the_budget_on_gpu():
     # Shrunk in turn along the axis largest relative to the median: the ratios patch /
     # median stay within one step (x, y: 8 voxels of 256; z: 4 of 48) of each other.
     ratios = [p / m for p, m in zip(patch, (256, 256, 48), strict=True)]
-    assert max(ratios) - min(ratios) <= max(s / m for s, m in zip(step, (256, 256, 48)))
+    assert max(ratios) - min(ratios) <= max(
+        s / m for s, m in zip(step, (256, 256, 48), strict=True)
+    )
     assert patch[0] == patch[1] < 256
     assert tight.memory_estimate_gb <= 4.0
 
@@ -193,7 +195,7 @@ def test_build_writes_plan_json_and_plan_replans(tmp_path):
     assert plan is not None and plan.stored_shape == (24, 24) and plan.spacing == (2.0, 2.0)
     # 24 / 2 = 12 >= 4, 24 / 4 = 6, 24 / 8 = 3 < 4: three levels; whole images.
     assert plan.num_channels == tuple(
-        planning.NETWORKS[plan.device].base_channels * 2**l for l in range(3)
+        planning.NETWORKS[plan.device].base_channels * 2**level for level in range(3)
     )
     assert plan.patch_shape is None
     assert plan.batch_size == min(2**17 // (24 * 24), plan.batch_size)

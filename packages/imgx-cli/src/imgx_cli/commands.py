@@ -614,10 +614,9 @@ def info(run: str = LATEST_RUN) -> None:
       run: the run directory (made by `imgx train`).
     """
     run_dir = _run_dir(run)
+    import imgx_data
     import imgx_train
     from imgx_train import config as config_lib
-
-    import imgx_data
 
     description = dict(imgx_train.describe_run(run_dir))
     cfg = description.pop("config", None)

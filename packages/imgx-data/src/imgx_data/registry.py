@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
+from imgx_data import planning
 from imgx_data.datasets import (
     BUILDERS,
     GENERATED,
@@ -29,7 +30,6 @@ from imgx_data.datasets import (
     NiftiFolder,
     nifti_folder_builder,
 )
-from imgx_data import planning
 from imgx_data.datasets.base import DATASET_VERSION, METADATA_KEY, SPLITS, DatasetSpec
 from imgx_data.datasets.nifti_folder import read_layout
 from imgx_data.errors import DatasetError
