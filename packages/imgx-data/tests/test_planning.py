@@ -217,3 +217,24 @@ def test_build_writes_plan_json_and_plan_replans(tmp_path):
     sample = planning.sample_memory_bytes(patch, (2, 2), replanned.num_channels, 2)
     assert patch is not None and math.prod(patch) < 24 * 24 and 2 * sample <= 1e6
     assert math.isclose(replanned.memory_estimate_gb * 1e9, replanned.batch_size * sample)
+
+
+def test_anisotropic_3d_folder_build_and_plan(tmp_path):
+    # z spacings 4 and 5 mm (median 4.5 > 3 x 0.8; 4 slices x 3 < 16): the target is the
+    # 10th percentile, 4 mm; resampled z sizes 4 and round(4 * 5 / 4) = 5 -> stored 8.
+    write_nnunet(
+        tmp_path / "raw", 10, channels=1, shape=(16, 16, 4),
+        spacings=((0.8, 0.8, 4.0), (0.8, 0.8, 5.0)),
+    )  # fmt: skip
+    data = tmp_path / "data"
+    info = imgx_data.build("nifti_folder", manual_dir=tmp_path / "raw", data_dir=data, name="ct")
+    assert info.spacing == pytest.approx((0.8, 0.8, 4.0)) and info.image_shape == (16, 16, 8)
+    _, plan = imgx_data.plan("ct", data, device="cpu", memory_gb=1.0)
+    assert plan.first_downsampling == (2, 2, 1)  # 4 mm > 2 x 0.8 mm
+    # Median resampled shape 16x16x4 (median of 4 and 5 slices, floored); z = 4 allows
+    # only L = 2 (4 / (1 * 2^1) = 2 < 4 at L = 3); the patch 16x16x4 is more than one
+    # step (1 slice) short of the stored 8 slices: patches with foreground oversampling.
+    assert plan.median_shape == (16, 16, 4) and plan.num_channels == (8, 16)
+    assert plan.patch_shape == (16, 16, 4) and plan.foreground_oversampling == 0.33
+    # Batch: the budget holds thousands; 5 % of 8 x 1024 voxels is 0; 2^17 / 1024 = 128.
+    assert plan.batch_size == 128
