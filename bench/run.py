@@ -27,7 +27,7 @@ from pathlib import Path
 import jax
 
 BENCH_DIR = Path(__file__).resolve().parent
-BENCHMARKS = ("unet", "attention", "sampling", "loading", "datasets", "metrics", "train")
+BENCHMARKS = ("unet", "attention", "sampling", "loading", "datasets", "metrics", "train", "plan")
 
 
 def _module(name: str):

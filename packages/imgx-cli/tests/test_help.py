@@ -18,6 +18,7 @@ OPTIONS = {
                 "--checkpoint", "--num-samples", "--save-probabilities", "--seed"],
     "build": ["DATASET", "--manual-dir", "--data-dir", "--name", "--spacing", "--shape",
               "--overwrite"],
+    "plan": ["DATASET", "--memory-gb", "--device", "--data-dir", "--refingerprint"],
     "datasets": ["--data-dir"],
     "info": ["--run"],
     "compare": ["[RUNS]...", "-o, --output", "-s, --split", "--results", "--replace"],

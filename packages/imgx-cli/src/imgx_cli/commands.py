@@ -589,9 +589,83 @@ def build(
         )
         return
     built = imgx_data.build(dataset, **where, overwrite=bool(overwrite), **options)
+    _echo(f"built {built.name} ({_sizes(built.split_sizes)} cases) in {built.path}")
+    plan = imgx_data.dataset_plan(built.name, data_dir=_path(data_dir))
+    if plan is not None:
+        _echo(*_plan_lines(built.name, plan))
+    _echo(f"train with: imgx train --data {built.name}")
+
+
+def _plan_lines(name: str, plan: Any) -> list[str]:
+    """The training plan of a dataset, for `imgx plan`, `imgx build` and `imgx info`."""
+    patch = "whole images" if plan.patch_shape is None else "x".join(map(str, plan.patch_shape))
+    return [
+        f"plan ({plan.device}, {plan.memory_gb:.3g} GB budget; `imgx plan {name}` remakes it):",
+        *printing.key_values(
+            {
+                "spacing_mm": plan.spacing,
+                "median_shape": plan.median_shape,
+                "stored_shape": plan.stored_shape,
+                "patch_shape": patch,
+                "batch_size": plan.batch_size,
+                "levels": len(plan.num_channels),
+                "channels": plan.num_channels,
+                "res_blocks": plan.num_res_blocks,
+                "first_downsampling": plan.first_downsampling,
+                "memory_estimate_gb": round(plan.memory_estimate_gb, 3),
+            }
+        ),
+    ]
+
+
+def plan(
+    dataset: str,
+    memory_gb: float | None = None,
+    device: str | None = None,
+    data_dir: str | None = None,
+    refingerprint: bool = False,
+) -> None:
+    """Fingerprint a nifti_folder build and plan its training; writes <build>/plan.json.
+
+    `imgx build nifti_folder` plans on its own; rerun this on the training machine, or for
+    another budget. `imgx train --data NAME` uses the plan unless flags override it.
+
+    Examples:
+      imgx plan liver                       # the device JAX finds, its default budget
+      imgx plan liver --device gpu --memory-gb 24
+
+    Args:
+      dataset: the name given to `imgx build nifti_folder --name`.
+      memory_gb: activation memory budget in GB; default: 75 % of the accelerator's
+        memory, 25 % of the host's on CPU.
+      device: cpu, gpu or tpu (the network width follows it); default: the device JAX finds.
+      data_dir: dataset store; default $IMGX_DATA_DIR, $TFDS_DATA_DIR or ~/tensorflow_datasets.
+      refingerprint: read the raw cases again instead of the fingerprint in plan.json.
+    """
+    if memory_gb is not None and (
+        isinstance(memory_gb, bool) or not isinstance(memory_gb, int | float) or memory_gb <= 0
+    ):
+        raise UsageError(f"--memory-gb takes a positive number, got {memory_gb!r}")
+    if device is not None and device not in DEVICES[1:]:
+        raise UsageError(f"--device takes {', '.join(DEVICES[1:])}, got {device!r}")
+    import imgx_data
+
+    fingerprint, made = imgx_data.plan(
+        str(dataset),
+        _path(data_dir),
+        memory_gb=None if memory_gb is None else float(memory_gb),
+        device=device,
+        refingerprint=bool(refingerprint),
+    )
     _echo(
-        f"built {built.name} ({_sizes(built.split_sizes)} cases) in {built.path}",
-        f"train with: imgx train --data {built.name}",
+        f"fingerprint of {dataset}: {len(fingerprint.shapes)} cases, "
+        f"{len(fingerprint.channel_names)} channel(s), classes "
+        + ", ".join(
+            f"{n} {100 * f:.2g} %"
+            for n, f in zip(fingerprint.class_names, fingerprint.class_frequency, strict=True)
+        ),
+        *_plan_lines(str(dataset), made),
+        f"train with: imgx train --data {dataset}",
     )
 
 
@@ -632,6 +706,7 @@ def info(run: str = LATEST_RUN) -> None:
       run: the run directory (made by `imgx train`).
     """
     run_dir = _run_dir(run)
+    import imgx_data
     import imgx_train
     from imgx_train import config as config_lib
 
@@ -642,6 +717,11 @@ def info(run: str = LATEST_RUN) -> None:
     if cfg is not None:
         _echo("config (changes from the defaults):")
         _echo(*(printing.config_changes(cfg, config_lib.Config()) or ["  (none)"]))
+    data = (cfg or {}).get("data", {})
+    if data.get("name"):
+        found = imgx_data.dataset_plan(data["name"], data_dir=data.get("data_dir"))
+        if found is not None:
+            _echo(*_plan_lines(data["name"], found))
 
 
 def compare(
@@ -706,6 +786,7 @@ COMMANDS = {
     "test": test,
     "predict": predict,
     "build": build,
+    "plan": plan,
     "datasets": datasets,
     "info": info,
     "compare": compare,

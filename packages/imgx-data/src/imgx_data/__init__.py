@@ -3,14 +3,15 @@
 Public API (re-exported here)::
 
     data_dir, list_datasets, dataset_info, build, existing_build, ensure_built, data_source,
-    cross_validation_folds, postprocess,
+    cross_validation_folds, postprocess, plan, dataset_plan,
+    planning (fingerprint and training plan of a folder),
     DatasetInfo, DataSource, DatasetError, io (read_image, write_image, Geometry, ...),
     restore_to_original, resample_to_geometry, find_scans, prepare_scan, restore_scan_label,
     TrainIterator, eval_batches, AugmentationConfig, augment_batch, augment_sample,
     min_max_rescale, patch_grid, gaussian_weight, sliding_window_inference
 """
 
-from imgx_data import io
+from imgx_data import io, planning
 from imgx_data.augmentation import (
     AugmentationConfig,
     augment_batch,
@@ -30,9 +31,11 @@ from imgx_data.registry import (
     data_dir,
     data_source,
     dataset_info,
+    dataset_plan,
     ensure_built,
     existing_build,
     list_datasets,
+    plan,
     postprocess,
 )
 from imgx_data.scans import PreparedScan, find_scans, prepare_scan, restore_scan_label
@@ -50,12 +53,15 @@ __all__ = [
     "data_dir",
     "data_source",
     "dataset_info",
+    "dataset_plan",
     "ensure_built",
     "example_geometry",
     "existing_build",
     "find_scans",
     "io",
     "list_datasets",
+    "plan",
+    "planning",
     "postprocess",
     "prepare_scan",
     "read_channels",

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
+from imgx_data import planning
 from imgx_data.datasets import (
     BUILDERS,
     GENERATED,
@@ -30,6 +31,7 @@ from imgx_data.datasets import (
     nifti_folder_builder,
 )
 from imgx_data.datasets.base import DATASET_VERSION, METADATA_KEY, SPLITS, DatasetSpec
+from imgx_data.datasets.nifti_folder import read_layout
 from imgx_data.errors import DatasetError
 from imgx_data.folds import DEVELOPMENT_SPLITS, NUM_FOLDS, Folds, load_or_make_folds
 from imgx_data.postprocess import POSTPROCESSORS
@@ -420,6 +422,9 @@ def build(
             if not _is_built(built):
                 raise DatasetError(f"{dataset_name}: the build wrote no dataset to {built}.")
             (built / BUILD_RECORD).write_text(json.dumps(parameters, indent=2) + "\n")
+            if name == NIFTI_FOLDER:
+                fingerprint = planning.fingerprint_layout(read_layout(raw))
+                _write_plan(_info_from_disk(dataset_name, built), fingerprint, None, None)
             # Checked again: another process may have written there meanwhile.
             if _kept_build(dataset_name, path, parameters, overwrite) is None:
                 _swap_in(built, path, staging)
@@ -428,6 +433,80 @@ def build(
             if not root_existed and not any(root.iterdir()):
                 root.rmdir()
     return _info_from_disk(dataset_name, path)
+
+
+def _write_plan(
+    info: DatasetInfo,
+    fingerprint: planning.Fingerprint,
+    memory_gb: float | None,
+    device: str | None,
+) -> planning.Plan:
+    device = device or planning.default_device()
+    plan = planning.make_plan(
+        fingerprint,
+        spacing=info.spacing,
+        stored_shape=info.image_shape,
+        num_train_cases=info.split_sizes.get("train", 0),
+        device=device,
+        memory_gb=planning.default_memory_gb(device) if memory_gb is None else memory_gb,
+    )
+    planning.write_plan(info.path, fingerprint, plan)
+    return plan
+
+
+def plan(
+    name: str,
+    data_dir: str | Path | None = None,
+    *,
+    memory_gb: float | None = None,
+    device: str | None = None,
+    refingerprint: bool = False,
+) -> tuple[planning.Fingerprint, planning.Plan]:
+    """(Re)plans a built ``nifti_folder`` dataset and writes its ``plan.json``.
+
+    The fingerprint is the one in ``plan.json`` (written by the build), else, or with
+    ``refingerprint``, read again from the raw folder recorded in the build record.
+
+    Args:
+        name: the dataset's name.
+        data_dir: see :func:`data_dir`.
+        memory_gb: activation budget, GB; default :func:`planning.default_memory_gb`.
+        device: ``cpu``, ``gpu``, ``tpu``; default JAX's backend.
+        refingerprint: read the raw cases again.
+
+    Raises:
+        DatasetError: not built, not a ``nifti_folder`` build, or raw folder gone.
+    """
+    info = dataset_info(name, data_dir)
+    if name not in BUILDERS and not info.is_built:
+        raise DatasetError(_not_built_message(name, data_dir))
+    stored = _stored_parameters(info.path) or {}
+    if name in BUILDERS or stored.get("dataset") != NIFTI_FOLDER:
+        raise DatasetError(
+            f"{name}: plans are made for `imgx build {NIFTI_FOLDER}` datasets; the published "
+            "and built-in datasets have presets (imgx_train.presets)."
+        )
+    saved = None if refingerprint else planning.read_plan(info.path)
+    if saved is not None:
+        fingerprint = saved[0]
+    else:
+        raw = stored.get("manual_dir")
+        if not raw or not Path(raw).exists():
+            raise DatasetError(
+                f"{info.path}: no fingerprint in {planning.PLAN_FILE} and the raw folder "
+                f"{raw} recorded in {BUILD_RECORD} is gone; rebuild with `imgx build "
+                f"{NIFTI_FOLDER} --manual-dir DIR --name {name} --overwrite`."
+            )
+        with _extracted(raw) as folder:
+            fingerprint = planning.fingerprint_layout(read_layout(folder))
+    return fingerprint, _write_plan(info, fingerprint, memory_gb, device)
+
+
+def dataset_plan(name: str, data_dir: str | Path | None = None) -> planning.Plan | None:
+    """The plan in a built dataset's ``plan.json``, None when it has none."""
+    path = _dataset_path(name, _resolve_data_dir(data_dir))
+    saved = planning.read_plan(path) if _is_built(path) else None
+    return None if saved is None else saved[1]
 
 
 def _swap_in(built: Path, path: Path, staging: Path) -> None:
@@ -623,8 +702,10 @@ __all__ = [
     "data_dir",
     "data_source",
     "dataset_info",
+    "dataset_plan",
     "ensure_built",
     "existing_build",
     "list_datasets",
+    "plan",
     "postprocess",
 ]

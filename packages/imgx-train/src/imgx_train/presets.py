@@ -1,15 +1,17 @@
 """Presets: per-dataset defaults, the papers' configurations and `debug`.
 
 A preset is a dict of dotted-key overrides applied on top of `Config()`, in this order:
-dataset preset → named preset (`melba2023`, `dgm4miccai2023`, `debug`) → the user's
-overrides. Values follow `shared/spec/presets.md`, except that the paper presets are the
-settings of the papers' code wherever the two differ (the tables of README.md).
+dataset preset (for a `nifti_folder` build: its `plan.json`, see `plan_overrides`) →
+named preset (`melba2023`, `dgm4miccai2023`, `debug`) → the user's overrides. Values
+follow `shared/spec/presets.md`, except that the paper presets are the settings of the
+papers' code wherever the two differ (the tables of README.md).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import imgx_data
 from imgx_train import config as config_lib
 
 DATASET_PRESETS: dict[str, dict[str, Any]] = {
@@ -177,6 +179,40 @@ NAMED_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def plan_overrides(plan: imgx_data.planning.Plan) -> dict[str, Any]:
+    """The dotted-key overrides of a dataset's training plan (`imgx plan NAME`).
+
+    Patches smaller than the stored images slide at inference with half a patch of
+    overlap along the axes they do not cover.
+    """
+    overlap = None
+    if plan.patch_shape is not None:
+        overlap = tuple(
+            p // 2 if p < s else 0 for p, s in zip(plan.patch_shape, plan.stored_shape, strict=True)
+        )
+    return {
+        "data.patch_shape": plan.patch_shape,
+        "data.inference_overlap": overlap,
+        "data.global_batch_size": plan.batch_size,
+        "data.eval_batch_size": plan.batch_size,
+        "data.foreground_oversampling": plan.foreground_oversampling,
+        "model.num_channels": plan.num_channels,
+        "model.num_res_blocks": plan.num_res_blocks,
+        "model.num_heads": plan.num_heads,
+        "model.dropout": plan.dropout,
+        "model.patch_size": plan.first_downsampling,
+    }
+
+
+def dataset_preset(data: str, data_dir: str | None = None) -> dict[str, Any]:
+    """The per-dataset defaults: the preset of a published/built-in dataset, else the
+    plan of a `nifti_folder` build (its `plan.json`), else none."""
+    if data in DATASET_PRESETS:
+        return dict(DATASET_PRESETS[data])
+    plan = imgx_data.dataset_plan(data, data_dir)
+    return {} if plan is None else plan_overrides(plan)
+
+
 def make_config(
     data: str = "phantom",
     task: str | None = None,
@@ -186,8 +222,8 @@ def make_config(
     """The resolved config for a dataset, task, preset and user overrides.
 
     Args:
-      data: dataset name; datasets without a preset (e.g. a `nifti_folder` build) start from
-        the defaults.
+      data: dataset name; a `nifti_folder` build uses its plan (`dataset_preset`), other
+        datasets without a preset start from the defaults.
       task: `seg` or `diffusion`; None keeps the preset's (default `diffusion`).
       preset: None, `melba2023`, `dgm4miccai2023` or `debug`.
       overrides: dotted-key overrides, a dict or a `"a.b=1,c.d=[1,2]"` string.
@@ -195,8 +231,9 @@ def make_config(
     Raises:
       ConfigError: unknown preset, task or key (listing the valid choices).
     """
+    user = config_lib.parse_overrides(overrides)
     updates: dict[str, Any] = {"data.name": data}
-    updates.update(DATASET_PRESETS.get(data, {}))
+    updates.update(dataset_preset(data, user.get("data.data_dir")))
     if preset is not None:
         if preset not in NAMED_PRESETS:
             raise config_lib.ConfigError(
@@ -207,7 +244,7 @@ def make_config(
             updates["data.shift"] = paper_shift(data)
     if task is not None:
         updates["train.task"] = task
-    updates.update(config_lib.parse_overrides(overrides))
+    updates.update(user)
     cfg = config_lib.replace(config_lib.Config(), updates)
     config_lib.validate(cfg)
     return cfg

@@ -15,7 +15,8 @@ and ``training`` [{"image": "./imagesTr/x.nii.gz", "label": "./labelsTr/x.nii.gz
 multi-channel images are 4D files.
 
 2D data: PNG files, or NIfTI files with one slice. Target spacing defaults to the median
-spacing, target shape to the smallest multiple of 8 per axis covering every resampled case.
+spacing with nnU-Net's anisotropy rule (:func:`imgx_data.planning.target_spacing`), target
+shape to the smallest multiple of 8 per axis covering every resampled case.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from imgx_data.io import (
     read_header,
     read_sitk_image,
 )
+from imgx_data.planning import target_spacing
 from imgx_data.preprocess import PreprocessedCase, resampled_grid
 
 SPLIT_SEED = 0
@@ -252,7 +254,8 @@ def plan_nifti_folder(
 ) -> NiftiFolderPlan:
     """Reads the layout and headers, checks each case's grids, picks grid and split.
 
-    Target spacing: ``spacing`` or the per-axis median of the cases' spacings. Target
+    Target spacing: ``spacing`` or :func:`imgx_data.planning.target_spacing` (the median,
+    the 10th percentile along an anisotropic axis). Target
     shape: ``shape`` or, per axis, the smallest multiple of 8 covering
     ``round(size * spacing / target)`` of every case.
     """
@@ -274,7 +277,7 @@ def plan_nifti_folder(
         raise DatasetError(f"{root}: cases mix 2D and 3D images ({sorted(ndims)}D).")
     ndim = ndims.pop()
     if spacing is None:
-        spacing = tuple(float(s) for s in np.median([g.spacing for g in grids], axis=0))
+        spacing = target_spacing([g.spacing for g in grids], [g.shape for g in grids])
     spacing = tuple(float(s) for s in spacing)
     if len(spacing) != ndim:
         raise DatasetError(f"spacing {spacing} must have {ndim} values for this {ndim}D data.")
