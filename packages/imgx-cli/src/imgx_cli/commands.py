@@ -476,9 +476,9 @@ def export(
         raise UsageError("export needs -o/--output, the model file to write (e.g. model.zip)")
     select_device(device)
     run_dir = _run_dir(run)
-    from imgx_train import export as export_lib
+    import imgx_train
 
-    result = export_lib.export_run(
+    result = imgx_train.export_run(
         run_dir,
         _path(output),
         checkpoint=_checkpoint(checkpoint),
