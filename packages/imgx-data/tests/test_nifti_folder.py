@@ -62,6 +62,7 @@ def test_nnunet_layout_derives_grid_and_split(tmp_path):
     info = _build(tmp_path, tmp_path / "raw")
     assert info.class_names == ("background", "left lobe", "right lobe")
     assert info.num_channels == 2 and info.num_spatial_dims == 3
+    assert info.channel_names == ("MR0", "MR1")  # dataset.json's, recorded in the build
     # Median of z spacings {2, 3} x 5 each = 2.5; z size round(4 * 3 / 2.5) = 5 -> 8.
     assert info.spacing == (1.0, 1.0, 2.5)
     assert info.image_shape == (8, 8, 8)

@@ -48,11 +48,15 @@ def _parse_bool(text: str, option: str) -> bool:
     raise UsageError(f"{option} takes true or false, got {text!r}")
 
 
-def _keyword(word: str, command: str, names: Sequence[str]) -> str:
-    """The parameter a flag word names: exact (dashes or underscores) or a unique initial."""
+def _keyword(word: str, command: str, names: Sequence[str], short: Mapping[str, str] = {}) -> str:
+    """The parameter a flag word names: exact (dashes or underscores), the command's own
+    short flag (`fn.SHORT_FLAGS`, e.g. `-o` for `--output` beside `--overwrite`) or a
+    unique initial."""
     key = word.lstrip("-").partition("=")[0].replace("-", "_")
     if word.startswith("--") and key in names:
         return key
+    if not word.startswith("--") and key in short:
+        return short[key]
     if not word.startswith("--"):
         matches = [name for name in names if name.startswith(key)]
         if len(matches) == 1:
@@ -104,7 +108,7 @@ def normalize_command(command: str, words: Sequence[str], fn: Callable[..., obje
             options.append(f"--{negated}=False")
             given.add(negated)
             continue
-        name = _keyword(word, command, names)
+        name = _keyword(word, command, names, getattr(fn, "SHORT_FLAGS", {}))
         if name in given:
             hint = ' (all overrides go in one: --set "a.b=1,c.d=2")' if name == "set" else ""
             raise UsageError(f"{dashed(name)} is given twice{hint}")

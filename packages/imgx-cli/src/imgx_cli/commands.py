@@ -476,6 +476,7 @@ def predict(
     device: str = "auto",
     runs: str | None = None,
     ensemble_with: str | None = None,
+    model: str | None = None,
 ) -> None:
     """Segment new scans with a trained run; writes <case>.nii.gz in each input's geometry.
 
@@ -486,6 +487,7 @@ def predict(
       imgx predict --run runs/latest -i scans/ -o preds/ --num-samples 5
       imgx predict --runs runs/f0,runs/f1,runs/f2,runs/f3,runs/f4 -i scans/ -o preds/
       imgx predict --run runs/<diffusion> --ensemble-with runs/<seg> -i scans/ -o preds/
+      imgx predict --model model.zip -i scans/ -o preds/
 
     Args:
       run: the run directory (made by `imgx train`).
@@ -500,14 +502,26 @@ def predict(
       device: auto, cpu, gpu or tpu.
       runs: the runs of an ensemble, comma-separated (instead of --run).
       ensemble_with: runs to ensemble with --run, comma-separated.
+      model: a model file made by `imgx export` instead of --run (needs no data dir).
     """
     if input is None or output is None:
         raise UsageError("predict needs -i/--input (a file or folder) and -o/--output (a folder)")
     inputs = _path(input)
     if not inputs.exists():
         raise UsageError(f"-i/--input: {inputs} does not exist")
+    if model is not None and run != LATEST_RUN:
+        raise UsageError("predict takes --run (a run folder) or --model (a model file), not both")
+    if model is not None and not _path(model).is_file():
+        raise UsageError(f"--model: no model file at {model} (made by `imgx export`)")
     select_device(device)
-    run_dir, *others = _ensemble(run, runs, ensemble_with)
+    if model is not None:
+        if runs is not None or ensemble_with is not None:
+            raise UsageError(
+                "--model predicts with one exported model: drop --runs/--ensemble-with"
+            )
+        run_dir, others = _path(model), []
+    else:
+        run_dir, *others = _ensemble(run, runs, ensemble_with)
     import imgx_train
 
     result = imgx_train.predict(
@@ -530,6 +544,51 @@ def predict(
         print(f"imgx: failed: {text}", file=sys.stderr)
     if failures:
         raise CommandExit(1, f"{len(failures)} input(s) failed; the others were written")
+
+
+def export(
+    run: str = LATEST_RUN,
+    output: str | None = None,
+    checkpoint: str = "best",
+    sampler: str | None = None,
+    num_steps: int | None = None,
+    overwrite: bool = False,
+    device: str = "auto",
+) -> None:
+    """Write one model file of a run: config, preprocessing, checkpoint, StableHLO function.
+
+    `imgx predict --model FILE` predicts from it on a machine without the run or the data.
+
+    Example:
+      imgx export --run runs/latest -o model.zip
+
+    Args:
+      run: the run directory (made by `imgx train`).
+      output: the model file to write (a .zip); an existing one only with --overwrite.
+      checkpoint: best, last or a step number.
+      sampler: diffusion sampler of the exported StableHLO function; default: the run's.
+      num_steps: its diffusion sampling steps; default: the run's.
+      overwrite: replace an existing output file.
+      device: auto, cpu, gpu or tpu.
+    """
+    if output is None:
+        raise UsageError("export needs -o/--output, the model file to write (e.g. model.zip)")
+    select_device(device)
+    run_dir = _run_dir(run)
+    import imgx_train
+
+    result = imgx_train.export_run(
+        run_dir,
+        _path(output),
+        checkpoint=_checkpoint(checkpoint),
+        sampler=_sampler(sampler),
+        num_steps=_positive_int(num_steps, "--num-steps"),
+        overwrite=bool(overwrite),
+    )
+    _echo(f"wrote {result['output']} (checkpoint {result['step']})")
+
+
+export.SHORT_FLAGS = {"o": "output"}  # type: ignore[attr-defined]  # -o, not --overwrite
 
 
 def build(
@@ -785,6 +844,7 @@ COMMANDS = {
     "valid": valid,
     "test": test,
     "predict": predict,
+    "export": export,
     "build": build,
     "plan": plan,
     "datasets": datasets,

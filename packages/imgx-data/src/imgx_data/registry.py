@@ -61,6 +61,8 @@ class DatasetInfo:
         intensity: intensity policy of the images (``"percentile"``, ``"png"``,
             ``"identity"`` or a ``(low, high)`` clipping range), see
             :func:`imgx_data.preprocess.scale_intensity`; new scans are prepared alike.
+        channel_names: a name per image channel (empty for datasets built before it was
+            recorded).
     """
 
     name: str
@@ -76,6 +78,7 @@ class DatasetInfo:
     manual_dir: str | None
     path: Path
     intensity: Intensity = PERCENTILE
+    channel_names: tuple[str, ...] = ()
 
     @property
     def num_classes(self) -> int:
@@ -141,6 +144,7 @@ def _make_info(name: str, spec: DatasetSpec, sizes: dict[str, int], path: Path) 
         manual_dir=spec.manual_dir,
         path=path,
         intensity=spec.intensity,
+        channel_names=spec.channel_names,
     )
 
 

@@ -5,6 +5,7 @@ Public API::
     train(cfg, run_dir=None) -> Path          resume(run_dir, steps=None) -> Path
     evaluate(run_dir, split="test", ...) -> summary dict
     predict(run_dir, inputs, output_dir, ...) -> {"written": [...], "failures": [...]}
+    export_run(run_dir, output, ...) -> {"output", "step", "files"}   (model.zip)
     describe_run(run_dir) -> dict             make_config(data, task, preset, overrides)
     compare_runs([run_dir, ...], output_dir="compare") -> Comparison (compare.format_comparison)
 """
@@ -13,6 +14,7 @@ from imgx_train import compare, config, metrics, presets, reports
 from imgx_train.compare import compare_runs
 from imgx_train.config import Config, ConfigError
 from imgx_train.evaluation import describe_run, evaluate
+from imgx_train.export import export_run
 from imgx_train.predict import predict
 from imgx_train.presets import make_config
 from imgx_train.runs import RunError
@@ -30,6 +32,7 @@ __all__ = [
     "config",
     "describe_run",
     "evaluate",
+    "export_run",
     "make_config",
     "metrics",
     "predict",

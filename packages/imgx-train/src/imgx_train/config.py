@@ -412,10 +412,18 @@ def from_dict(data: dict[str, Any], cls: type = Config, _prefix: str = "") -> An
     return cls(**kwargs)
 
 
-def save(config: Config, path: str | Path) -> None:
+#: The `config.json` key of what made the run (package versions, git commit); not a field.
+PROVENANCE_KEY = "provenance"
+
+
+def save(config: Config, path: str | Path, *, provenance: dict[str, Any] | None = None) -> None:
+    """Writes `config.json` atomically, with `provenance` under its own key when given."""
     path = Path(path)
+    data = to_dict(config)
+    if provenance is not None:
+        data[PROVENANCE_KEY] = provenance
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(to_dict(config), indent=2) + "\n")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
     tmp.replace(path)
 
 
@@ -431,6 +439,8 @@ def load(path: str | Path) -> Config:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: not valid JSON ({e}); fix the file") from None
+    if isinstance(data, dict):
+        data.pop(PROVENANCE_KEY, None)  # a record of the run, not a setting
     try:
         cfg = from_dict(data)
         validate(cfg)

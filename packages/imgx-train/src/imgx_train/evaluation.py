@@ -36,7 +36,7 @@ import numpy as np
 import imgx_data
 from imgx_train import checkpoint as ckpt_lib
 from imgx_train import config as config_lib
-from imgx_train import devices, distributed, metrics, optim, reports, runs, tasks
+from imgx_train import devices, distributed, metrics, optim, portable, reports, runs, tasks
 
 ProbabilityFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
 
@@ -239,6 +239,8 @@ def _finite_or_none(value: Any) -> float | None:
 
 @dataclasses.dataclass
 class RestoredRun:
+    """A run's checkpoint in memory; `run_dir` is the run folder or the model file."""
+
     run_dir: Path
     cfg: config_lib.Config
     task: tasks.Task
@@ -247,12 +249,24 @@ class RestoredRun:
 
 
 def restore_run(run_dir: str | Path, checkpoint: str | int = "best") -> RestoredRun:
-    """Config, task and parameters (EMA if kept) of a run's checkpoint."""
-    run_dir = runs.check_run_dir(run_dir)
+    """Config, task and parameters (EMA if kept) of a run's checkpoint.
+
+    `run_dir` is a run folder or a model file made by `imgx export` (`model.zip`, which
+    holds one checkpoint: `best` and `last` are it). The dataset's grid, intensity rule,
+    channels and classes come from the run's `preprocess.json`, not from the data dir
+    (older runs without it: from the data dir, see `portable.run_dataset_info`).
+    """
+    if portable.is_model_file(run_dir):
+        with portable.extracted_model(run_dir) as folder:
+            restored = _restore(folder, checkpoint)
+        return dataclasses.replace(restored, run_dir=Path(run_dir).resolve())
+    return _restore(runs.check_run_dir(run_dir), checkpoint)
+
+
+def _restore(run_dir: Path, checkpoint: str | int) -> RestoredRun:
     cfg = config_lib.load(run_dir / "config.json")
     devices.setup(cfg)
-    info = imgx_data.dataset_info(cfg.data.name, data_dir=cfg.data.data_dir)
-    task = tasks.Task(cfg, info)
+    task = tasks.Task(cfg, portable.run_dataset_info(run_dir, cfg))
     mngr = ckpt_lib.manager(run_dir, read_only=True)
     records = runs.read_jsonl(run_dir / "metrics" / "valid.jsonl")
     step = ckpt_lib.select_step(mngr, checkpoint, ckpt_lib.best_step(mngr, records))

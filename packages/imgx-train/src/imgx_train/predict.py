@@ -1,12 +1,14 @@
 """`imgx predict`: segment new scans with a trained run, in each scan's own geometry.
 
 Each input case (a file, or `<case>_0000`, `_0001`, ... channel files) is put on the
-dataset's spacing and intensities exactly as at training, predicted (whole image or
-Gaussian-blended sliding windows, stitched on the host), and resampled back onto its own
-grid. Diffusion runs with `num_samples` S > 1 give an ensemble: the label of the mean
-probabilities plus uncertainty maps (predictive entropy and the variance across samples
-averaged over classes). Several runs (`ensemble_with`: cross-validation folds, or a seg
-and a diffusion run as in the MELBA paper) are ensembled alike, each run weighing the same.
+dataset's spacing and intensities exactly as at training (from the run's
+`preprocess.json`; `run_dir` may also be a model file made by `imgx export`), predicted
+(whole image or Gaussian-blended sliding windows, stitched on the host), and resampled
+back onto its own grid. Diffusion runs with `num_samples` S > 1 give an ensemble: the
+label of the mean probabilities plus uncertainty maps (predictive entropy and the
+variance across samples averaged over classes). Several runs (`ensemble_with`:
+cross-validation folds, or a seg and a diffusion run as in the MELBA paper) are ensembled
+alike, each run weighing the same.
 
 Memory stays bounded: only the final sampling step of each sample is copied back and
 stitched (not the K intermediate ones), and the S samples are summed on the host in

@@ -38,7 +38,7 @@ from jax.sharding import PartitionSpec as P
 import imgx_data
 from imgx_train import checkpoint as ckpt_lib
 from imgx_train import config as config_lib
-from imgx_train import devices, distributed, evaluation, optim, reports, runs, tasks
+from imgx_train import devices, distributed, evaluation, optim, portable, reports, runs, tasks
 from imgx_train.tasks import init_state
 
 logger = logging.getLogger(__name__)
@@ -385,7 +385,9 @@ def _train(
 ) -> Path:
     main = devices.is_main_process()
     if main:
-        config_lib.save(cfg, run_dir / "config.json")
+        config_lib.save(cfg, run_dir / "config.json", provenance=portable.provenance())
+        if not resuming or not (run_dir / portable.PREPROCESS_FILE).exists():
+            portable.write_preprocessing(run_dir, info)  # what predict needs, no data dir
         runs.point_latest(run_dir)
 
     mesh = devices.data_mesh()

@@ -84,6 +84,8 @@ class DatasetSpec:
         manual_dir: what ``--manual-dir`` points at, or None for generated data.
         intensity: intensity policy of the images
             (:func:`imgx_data.preprocess.scale_intensity`), to prepare new scans alike.
+        channel_names: a name per image channel (empty in datasets built before it was
+            recorded).
     """
 
     num_spatial_dims: int
@@ -95,6 +97,7 @@ class DatasetSpec:
     postprocess: str | None
     manual_dir: str | None
     intensity: Intensity = PERCENTILE
+    channel_names: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         """JSON-friendly dict (tuples become lists)."""
@@ -121,6 +124,8 @@ def _make_spec(source: Any, shape: Sequence[int], spacing: Sequence[float]) -> D
         postprocess=source.POSTPROCESS,
         manual_dir=source.MANUAL_DIR,
         intensity=source.INTENSITY,
+        channel_names=source.CHANNEL_NAMES
+        or tuple(f"channel_{c}" for c in range(source.NUM_CHANNELS)),
     )
 
 
@@ -138,6 +143,7 @@ class ImgxBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     TARGET_SHAPE: ClassVar[tuple[int, ...]]
     TARGET_SPACING: ClassVar[tuple[float, ...]]
     NUM_CHANNELS: ClassVar[int] = 1
+    CHANNEL_NAMES: ClassVar[tuple[str, ...]] = ()  # () = channel_0, channel_1, ...
     OVERLAPPING: ClassVar[bool] = False
     POSTPROCESS: ClassVar[str | None] = None
     MANUAL_DIR: ClassVar[str | None] = None

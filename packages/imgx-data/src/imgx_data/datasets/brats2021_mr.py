@@ -76,6 +76,7 @@ class Brats2021Mr(ImgxBuilder, skip_registration=True):
     CLASS_NAMES = ("background", "whole tumour", "tumour core", "enhancing tumour")
     OVERLAPPING = True
     NUM_CHANNELS = len(MODALITIES)
+    CHANNEL_NAMES = MODALITIES
     TARGET_SHAPE = (179, 219, 155)
     TARGET_SPACING = (1.0, 1.0, 1.0)
     MANUAL_DIR: ClassVar[str] = "the folder holding BraTS2021_Training_Data/"

@@ -321,6 +321,7 @@ class NiftiFolder(ImgxBuilder, skip_registration=True):
         self.plan = plan_nifti_folder(Path(root), spacing, shape)
         self.CLASS_NAMES = self.plan.layout.class_names
         self.NUM_CHANNELS = len(self.plan.layout.channel_names)
+        self.CHANNEL_NAMES = self.plan.layout.channel_names
         super().__init__(target_spacing=self.plan.spacing, target_shape=self.plan.shape, **kwargs)
 
     @classmethod
