@@ -24,6 +24,7 @@ ALLOWED = {
     "imgx-train": {
         "imgx-diffusion", "imgx-nets", "imgx-data", "jax", "flax", "chex", "optax",
         "orbax-checkpoint", "wandb", "scipy", "matplotlib", "tqdm", "numpy",
+        "flatbuffers",  # a small utility (spec): jax.export's serializer, for imgx export
     },
     "imgx-cli": {"imgx-train", "imgx-data", "fire"},
 }  # fmt: skip
