@@ -233,3 +233,44 @@ def test_ensemble_of_a_run_with_its_copy_equals_the_run_alone(run, summary, tmp_
     assert [r["run_dir"] for r in ensemble["runs"]] == [str(run), str(copy)]
     for alone in (ensemble, *ensemble["runs"]):
         assert alone["foreground_mean"] == pytest.approx(summary["foreground_mean"], nan_ok=True)
+
+
+def test_test_metrics_are_on_the_original_grid_with_resampled_columns(run, summary):
+    assert summary["metrics_grid"] == "original"
+    assert summary["cropped_foreground"] == {"num_cases": 0, "voxels": 0}
+    # Phantoms are generated on the stored grid (no resampling, no crop): both agree.
+    for metric in ("dice", "hd95"):
+        assert summary["foreground_mean_resampled"][metric] == pytest.approx(
+            summary["foreground_mean"][metric], nan_ok=True
+        )
+    with (Path(summary["output_dir"]) / "per_case.csv").open() as f:
+        row = next(csv.DictReader(f))
+    assert float(row["dice_resampled_muscle"]) == pytest.approx(float(row["dice_muscle"]))
+
+
+def test_structure_outside_the_crop_counts_as_missed_on_the_original_grid(run):
+    """A perfect prediction of the stored (16, 8) crop of a (32, 8) label whose second
+    structure lies outside the crop (test_preprocess.outside_crop_case): 8 of the 44
+    foreground voxels are stored. The crop's Dice is 1 (the old metric never sees the rest);
+    on the label file it is 2 * 8 / (8 + 44)."""
+    task = evaluation.restore_run(run).task
+    label = np.zeros((32, 8), np.uint8)
+    label[4:12, 2:6] = 1
+    label[28:31, 2:6] = 1
+    grid = imgx_data.Geometry.identity(label.shape, (1.0, 1.0))
+    case = imgx_data.preprocess.preprocess_volume(
+        imgx_data.io.array_to_sitk(label.astype(np.float32), grid),
+        imgx_data.io.array_to_sitk(label, grid),
+        target_spacing=None,
+        target_shape=(16, 8),
+        intensity="identity",
+    )
+    example = case.to_example("outside")
+    probs = np.eye(task.num_channels, dtype=np.float32)[example["label"]][..., None]
+    stored_label, restored, scores, _ = evaluation.scored_case(task, example, probs, 1.0)
+    np.testing.assert_array_equal(stored_label, example["label"])
+    assert scores["dice_resampled"][1] == pytest.approx(1.0)
+    assert scores["dice"][1] == pytest.approx(2 * 8 / (8 + 44))
+    volumes = scores["volume_reference"][1] / scores["volume_reference_resampled"][1]
+    assert volumes == pytest.approx(44 / 8)
+    assert int(restored.sum()) == 8 and restored.shape == label.shape

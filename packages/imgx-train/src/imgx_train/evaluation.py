@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import shutil
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -186,6 +187,45 @@ def case_metrics(
     final_label, final = steps[-1]
     per_step = [m for _, m in steps] if num_steps > 1 else []
     return final_label, final, per_step
+
+
+def original_label_of(
+    task: tasks.Task, example: dict[str, Any], probabilities: np.ndarray
+) -> tuple[np.ndarray, imgx_data.Geometry]:
+    """The final label on the original file's grid: the final step's probabilities
+    resampled linearly onto that grid, then the argmax (nested regions: p >= 0.5) and the
+    dataset's post-processing with that grid's spacing (`imgx_data.restore_probabilities`)."""
+    restored, grid = imgx_data.restore_probabilities(probabilities[..., -1], example)
+    label = np.asarray(task.labels_from_probabilities(restored))
+    return imgx_data.postprocess(task.info.name, label, grid.spacing).astype(np.uint8), grid
+
+
+def scored_case(
+    task: tasks.Task, example: dict[str, Any], probabilities: np.ndarray, tolerance_mm: float
+) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray], list[dict[str, np.ndarray]]]:
+    """(label on the stored grid, label on the original grid, the case's metrics, per-step
+    metrics) as `imgx test` reports them.
+
+    The metrics are those of the label on the original grid against the label file
+    (`original_label`), in mm of that grid (`original_spacing`): foreground the stored crop
+    dropped counts as missed. The stored-grid metrics of `case_metrics` are kept as
+    `<metric>_resampled`; per-step metrics (diffusion) are on the stored grid. Datasets
+    built before `original_label` was stored give the stored-grid metrics alone.
+    """
+    stored_label, stored, per_step = case_metrics(task, example, probabilities, tolerance_mm)
+    label, grid = original_label_of(task, example, probabilities)
+    if "original_label" not in example:
+        return stored_label, label, stored, per_step
+    original = metrics.per_class_metrics(
+        label,
+        np.asarray(example["original_label"]).astype(np.int32),
+        num_classes=task.info.num_classes,
+        spacing=grid.spacing,
+        tolerance_mm=tolerance_mm,
+        overlapping=task.overlapping,
+    )
+    resampled = {f"{k}_resampled": v for k, v in stored.items()}
+    return stored_label, label, original | resampled, per_step
 
 
 def split_source(cfg: config_lib.Config, split: str) -> imgx_data.DataSource:
@@ -504,10 +544,16 @@ def evaluate(
             )
         else:
             cases = _ensemble_probabilities(members, source, seed, member_rows, tolerance)
+        cropped = {"num_cases": 0, "voxels": 0}
+        grid = "stored"
         for i, (example, probs) in enumerate(cases):
             uid = str(example["uid"])
-            label, final, per_step = case_metrics(task, example, probs, tolerance)
+            stored_label, label, final, per_step = scored_case(task, example, probs, tolerance)
             rows.append(reports.case_row(uid, final, per_step))
+            grid = "original" if "original_label" in example else "stored"
+            dropped = int(example.get("cropped_foreground", 0))
+            cropped["num_cases"] += dropped > 0
+            cropped["voxels"] += dropped
             if main and save_predictions:
                 _write_prediction(tmp_dir / "predictions", uid, label, example)
             if main and i < cfg.eval.num_overlays:
@@ -515,7 +561,7 @@ def evaluate(
                     tmp_dir / "overlays" / f"{_safe(uid)}.png",
                     np.asarray(example["image"]),
                     np.asarray(example["label"]),
-                    label,
+                    stored_label,
                     class_names=task.class_names,
                     spacing=tuple(float(s) for s in example["spacing"]),
                 )
@@ -530,8 +576,19 @@ def evaluate(
                 "num_steps": num_steps if sampling else None,
                 "num_samples": num_samples,
                 "seed": seed,
+                "metrics_grid": grid,
+                "cropped_foreground": cropped,
             }
         )
+        if cropped["voxels"]:
+            logging.warning(
+                "%s split: the stored crops of %d cases drop %d foreground voxels; they count "
+                "as missed in the metrics on the original grid (summary.json "
+                "cropped_foreground).",
+                split,
+                cropped["num_cases"],
+                cropped["voxels"],
+            )
         if len(members) > 1:
             summary["runs"] = [
                 _member_summary(m, r, task.class_names)
@@ -581,7 +638,7 @@ def _ensemble_probabilities(
         uid = str(example["uid"])
         total = None
         for m, rows, (_, p) in zip(members, member_rows, cases, strict=True):
-            _, final, _ = case_metrics(m.restored.task, example, p, tolerance_mm)
+            _, _, final, _ = scored_case(m.restored.task, example, p, tolerance_mm)
             rows.append(reports.case_row(uid, final))
             total = p.astype(np.float32) if total is None else total + p
         yield example, total / len(members)
@@ -622,9 +679,9 @@ def _safe(uid: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in uid)
 
 
-def _write_prediction(folder: Path, uid: str, label: np.ndarray, example: dict) -> None:
-    original, geometry = imgx_data.restore_to_original(label, example)
-    original = original.astype(np.uint8)
+def _write_prediction(folder: Path, uid: str, original: np.ndarray, example: dict) -> None:
+    """Writes a label on the original grid (`original_label_of`) as NIfTI (and PNG for 2D)."""
+    _, geometry = imgx_data.example_geometry(example)
     imgx_data.write_image(folder / f"{_safe(uid)}.nii.gz", original, geometry)
     if geometry.ndim == 2:
         imgx_data.write_image(folder / f"{_safe(uid)}.png", original, geometry)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import json
+import logging
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -42,7 +43,8 @@ def example_features(
     ``shape``; ``spacing``/``origin`` float32 ``(ndim,)`` in mm and ``direction``
     ``(ndim * ndim,)`` of the stored grid; ``original_*`` the same for the raw file plus
     ``original_shape``; ``crop_start`` int32 ``(ndim,)``, the stored window's start in the
-    resampled grid.
+    resampled grid; ``original_label`` uint8 ``original_shape`` (variable), the label file
+    on its own grid; ``cropped_foreground`` int64, the foreground voxels the window dropped.
     """
     ndim = len(shape)
 
@@ -56,6 +58,10 @@ def example_features(
                 shape=(*shape, num_channels), dtype=np.float32, encoding=encoding
             ),
             "label": tfds.features.Tensor(shape=tuple(shape), dtype=np.uint8, encoding=encoding),
+            "original_label": tfds.features.Tensor(
+                shape=(None,) * ndim, dtype=np.uint8, encoding=tfds.features.Encoding.ZLIB
+            ),
+            "cropped_foreground": tfds.features.Tensor(shape=(), dtype=np.int64),
             "spacing": vector(ndim),
             "origin": vector(ndim),
             "direction": vector(ndim * ndim),
@@ -230,6 +236,16 @@ class ImgxBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         """Yields ``(uid, example)`` per case, preprocessed by :meth:`_load`."""
         for case in cases:
             uid, processed = self._load(case)
+            if processed.cropped_foreground:
+                logging.warning(
+                    "%s: case %s: the stored %s window drops %d foreground voxels of the "
+                    "label; imgx test scores them against the label file (missed), and "
+                    "training never sees them: a larger target_shape keeps them.",
+                    self.name,
+                    uid,
+                    self.target_shape,
+                    processed.cropped_foreground,
+                )
             yield uid, processed.to_example(uid)
 
     @abc.abstractmethod
