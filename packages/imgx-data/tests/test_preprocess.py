@@ -9,9 +9,9 @@ from imgx_data.io import array_to_sitk
 from imgx_data.preprocess import (
     crop_start,
     extract_window,
+    geometry_features,
     normalise_intensity,
     preprocess_volume,
-    geometry_features,
     resampled_grid,
     restore_probabilities,
     restore_to_original,
