@@ -254,6 +254,20 @@ def test_structure_outside_the_crop_counts_as_missed_on_the_original_grid(run):
     foreground voxels are stored. The crop's Dice is 1 (the old metric never sees the rest);
     on the label file it is 2 * 8 / (8 + 44)."""
     task = evaluation.restore_run(run).task
+    label, example = outside_crop_example()
+    probs = np.eye(task.num_channels, dtype=np.float32)[example["label"]][..., None]
+    stored_label, restored, scores, _ = evaluation.scored_case(task, example, probs, 1.0)
+    np.testing.assert_array_equal(stored_label, example["label"])
+    assert scores["dice_resampled"][1] == pytest.approx(1.0)
+    assert scores["dice"][1] == pytest.approx(2 * 8 / (8 + 44))
+    volumes = scores["volume_reference"][1] / scores["volume_reference_resampled"][1]
+    assert volumes == pytest.approx(44 / 8)
+    assert int(restored.sum()) == 8 and restored.shape == label.shape
+
+
+def outside_crop_example():
+    """The label file (32, 8) and the stored example of its (16, 8) crop (8 of 44
+    foreground voxels kept; test_preprocess.outside_crop_case)."""
     label = np.zeros((32, 8), np.uint8)
     label[4:12, 2:6] = 1
     label[28:31, 2:6] = 1
@@ -265,12 +279,21 @@ def test_structure_outside_the_crop_counts_as_missed_on_the_original_grid(run):
         target_shape=(16, 8),
         intensity="identity",
     )
-    example = case.to_example("outside")
-    probs = np.eye(task.num_channels, dtype=np.float32)[example["label"]][..., None]
-    stored_label, restored, scores, _ = evaluation.scored_case(task, example, probs, 1.0)
-    np.testing.assert_array_equal(stored_label, example["label"])
-    assert scores["dice_resampled"][1] == pytest.approx(1.0)
-    assert scores["dice"][1] == pytest.approx(2 * 8 / (8 + 44))
-    volumes = scores["volume_reference"][1] / scores["volume_reference_resampled"][1]
-    assert volumes == pytest.approx(44 / 8)
-    assert int(restored.sum()) == 8 and restored.shape == label.shape
+    return label, case.to_example("outside")
+
+
+def test_summary_counts_the_foreground_the_crops_drop(run, monkeypatch, caplog):
+    """`imgx test` on a split of one case whose crop drops 36 foreground voxels."""
+    _, example = outside_crop_example()
+    monkeypatch.setattr(evaluation, "split_source", lambda cfg, split: [example])
+    with caplog.at_level("WARNING"):
+        summary = evaluation.evaluate(
+            run, split="test", sampler="ddim", num_steps=2, seed=5, save_predictions=False
+        )
+    assert summary["cropped_foreground"] == {"num_cases": 1, "voxels": 36}
+    assert "drop 36 foreground voxels" in caplog.text
+    written = json.loads((Path(summary["output_dir"]) / "summary.json").read_text())
+    assert written["cropped_foreground"] == {"num_cases": 1, "voxels": 36}
+    assert written["metrics_grid"] == "original"
+    # At most the 8 stored voxels can be found of the 44: Dice <= 2 * 8 / (8 + 44).
+    assert written["per_class"]["muscle"]["dice"]["mean"] <= 16 / 52 + 1e-6
