@@ -186,3 +186,14 @@ def test_restore_probabilities_is_linear_then_argmax_not_nearest_labels():
     np.testing.assert_array_equal(linear[2:], nearest[2:])
     with pytest.raises(ValueError, match="stored grid"):
         restore_probabilities(probabilities[:2], example)
+
+
+def test_whole_case_keeps_the_foreground_the_window_drops():
+    """Stored whole (as test cases are), the (32, 8) grid is kept: all 44 voxels."""
+    case, label = outside_crop_case()
+    whole = case.whole()
+    assert whole.crop_start == (0, 0) and whole.cropped_foreground == 0
+    np.testing.assert_array_equal(whole.label, label)
+    assert whole.geometry == case.original
+    assert whole.image.shape == (32, 8, 1)
+    assert whole.resampled is None  # already whole

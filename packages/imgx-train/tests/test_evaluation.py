@@ -254,7 +254,7 @@ def test_structure_outside_the_crop_counts_as_missed_on_the_original_grid(run):
     foreground voxels are stored. The crop's Dice is 1 (the old metric never sees the rest);
     on the label file it is 2 * 8 / (8 + 44)."""
     task = evaluation.restore_run(run).task
-    label, example = outside_crop_example()
+    label, example, whole = outside_crop_example()
     probs = np.eye(task.num_channels, dtype=np.float32)[example["label"]][..., None]
     stored_label, restored, scores, _ = evaluation.scored_case(task, example, probs, 1.0)
     np.testing.assert_array_equal(stored_label, example["label"])
@@ -263,6 +263,22 @@ def test_structure_outside_the_crop_counts_as_missed_on_the_original_grid(run):
     volumes = scores["volume_reference"][1] / scores["volume_reference_resampled"][1]
     assert volumes == pytest.approx(44 / 8)
     assert int(restored.sum()) == 8 and restored.shape == label.shape
+    # Stored whole (test cases), a perfect prediction finds all 44 voxels: Dice 1.
+    whole_probs = np.eye(task.num_channels, dtype=np.float32)[whole["label"]][..., None]
+    _, restored, scores, _ = evaluation.scored_case(task, whole, whole_probs, 1.0)
+    np.testing.assert_array_equal(restored, label)
+    assert scores["dice"][1] == pytest.approx(1.0)
+
+
+def test_whole_test_case_of_another_shape_goes_through_sliding_windows(run, monkeypatch):
+    """A (32, 8) whole case with a (96, 96) network: padded into one window, scored on
+    the label file (no foreground cropped)."""
+    _, _, whole = outside_crop_example()
+    monkeypatch.setattr(evaluation, "split_source", lambda cfg, split: [whole, whole])
+    summary = evaluation.evaluate(run, split="test", sampler="ddim", num_steps=2, seed=6)
+    assert summary["num_cases"] == 2 and summary["cropped_foreground"]["voxels"] == 0
+    label, _ = imgx_data.read_image(Path(summary["output_dir"]) / "predictions" / "outside.nii.gz")
+    assert label.shape == (32, 8)
 
 
 def outside_crop_example():
@@ -279,12 +295,12 @@ def outside_crop_example():
         target_shape=(16, 8),
         intensity="identity",
     )
-    return label, case.to_example("outside")
+    return label, case.to_example("outside"), case.whole().to_example("outside")
 
 
 def test_summary_counts_the_foreground_the_crops_drop(run, monkeypatch, caplog):
     """`imgx test` on a split of one case whose crop drops 36 foreground voxels."""
-    _, example = outside_crop_example()
+    _, example, _ = outside_crop_example()
     monkeypatch.setattr(evaluation, "split_source", lambda cfg, split: [example])
     with caplog.at_level("WARNING"):
         summary = evaluation.evaluate(

@@ -205,6 +205,8 @@ class PreprocessedCase:
             file itself), the reference of test metrics.
         cropped_foreground: foreground voxels of the resampled label outside the stored
             window (dropped by the crop; 0 when the window holds all of it).
+        resampled: the whole scaled image and label on the resampled grid, and that grid
+            (for :meth:`whole`), or None when the stored window is the whole grid.
     """
 
     image: np.ndarray
@@ -214,6 +216,25 @@ class PreprocessedCase:
     crop_start: tuple[int, ...]
     original_label: np.ndarray
     cropped_foreground: int = 0
+    resampled: tuple[np.ndarray, np.ndarray, Geometry] | None = None
+
+    def whole(self) -> PreprocessedCase:
+        """The case stored whole: the entire resampled grid, padded symmetrically (with
+        zeros) to at least the window's shape, so that no foreground is cropped away
+        (``crop_start`` is then ``-padding``, the true extent is ``original``'s)."""
+        if self.resampled is None:
+            return self
+        image, label, grid = self.resampled
+        shape = tuple(int(max(n, t)) for n, t in zip(grid.shape, self.label.shape, strict=True))
+        start = crop_start(grid.shape, shape, None)
+        return PreprocessedCase(
+            image=extract_window(image, start, shape),
+            label=extract_window(label, start, shape),
+            geometry=window_grid(grid, start, shape),
+            original=self.original,
+            crop_start=start,
+            original_label=self.original_label,
+        )
 
     def to_example(self, uid: str) -> dict[str, object]:
         """The TFDS feature dict of this case."""
@@ -353,18 +374,17 @@ def preprocess_volume(
         start = crop_start(grid.shape, target_shape, label_array)
     else:
         start = tuple(int(s) for s in window_start)
+    scaled = scale_intensity(image_array, intensity)
+    label_array = label_array.astype(np.uint8)
     return PreprocessedCase(
-        image=extract_window(
-            scale_intensity(image_array, intensity),
-            start,
-            target_shape,
-        ),
-        label=extract_window(label_array.astype(np.uint8), start, target_shape),
+        image=extract_window(scaled, start, target_shape),
+        label=extract_window(label_array, start, target_shape),
         geometry=window_grid(grid, start, target_shape),
         original=original,
         crop_start=start,
         original_label=original_label,
         cropped_foreground=foreground_outside(label_array, start, target_shape),
+        resampled=(scaled, label_array, grid),
     )
 
 

@@ -51,6 +51,7 @@ def case_probabilities(
     *,
     num_samples: int = 1,
     last_step_only: bool = False,
+    patch_shape: Sequence[int] | None = None,
 ) -> np.ndarray:
     """Probabilities `(*spatial, C, K)` of one image `(*spatial, channels)`.
 
@@ -59,9 +60,11 @@ def case_probabilities(
     `num_samples` S > 1 the probabilities are the mean over S samples (an ensemble), sample
     s drawn with the key `fold_in(key, s)`. With `last_step_only` only the final sampling
     step is copied back and stitched: `(*spatial, C, 1)`, K times less host memory.
+    `patch_shape` gives the windows when the dataset has none (`data.patch_shape` None):
+    a test case stored whole, larger than the images the network was trained on.
     """
     cfg = task.cfg
-    patch_shape = cfg.data.patch_shape
+    patch_shape = cfg.data.patch_shape or patch_shape
     steps = slice(-1, None) if last_step_only else slice(None)
     total = None
     for s in range(num_samples):
@@ -119,33 +122,41 @@ def iterate_cases(
     Case i is predicted with the key `fold_in(key(seed), i)` (as `case_probabilities`
     uses it) whatever the batching, so the same seed gives the same predictions and they
     do not depend on the batch size. Whole-image datasets are predicted in batches of
-    `batch_size` (default `data.eval_batch_size`) cases. `last_step_only`: K = 1, the
-    final sampling step (see `case_probabilities`).
+    `batch_size` (default `data.eval_batch_size`) cases; a case of another shape than the
+    dataset's (a test case stored whole) goes alone through sliding windows of the
+    dataset's shape. `last_step_only`: K = 1, the final sampling step (see
+    `case_probabilities`).
     """
     n = len(source) if max_cases is None else min(len(source), max_cases)
     base_key = jax.random.key(seed)
+    stored_shape = tuple(task.info.image_shape)
+
+    def alone(i: int, example: dict[str, Any]) -> tuple[dict[str, Any], np.ndarray]:
+        key = jax.random.fold_in(base_key, i)
+        return example, case_probabilities(
+            task,
+            predict,
+            params,
+            key,
+            example["image"],
+            num_samples=num_samples,
+            last_step_only=last_step_only,
+            patch_shape=stored_shape,
+        )
+
     if task.cfg.data.patch_shape is not None or num_samples > 1:
         for i in range(n):
-            example = source[i]
-            key = jax.random.fold_in(base_key, i)
-            yield (
-                example,
-                case_probabilities(
-                    task,
-                    predict,
-                    params,
-                    key,
-                    example["image"],
-                    num_samples=num_samples,
-                    last_step_only=last_step_only,
-                ),
-            )
+            yield alone(i, source[i])
         return
     batch_size = batch_size or task.cfg.data.eval_batch_size
     batched = _batched(predict)
     for start in range(0, n, batch_size):
         indices = list(range(start, min(start + batch_size, n)))
         examples = [source[i] for i in indices]
+        if any(np.shape(e["image"])[:-1] != stored_shape for e in examples):
+            for i, example in zip(indices, examples, strict=True):
+                yield alone(i, example)
+            continue
         images = np.stack([e["image"] for e in examples])
         indices += [indices[-1]] * (batch_size - len(examples))  # pad to one compiled shape
         if len(examples) < batch_size:

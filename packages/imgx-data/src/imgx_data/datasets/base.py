@@ -40,7 +40,9 @@ def example_features(
     """TFDS features of one case: image/label on the stored grid plus both geometries.
 
     Shapes (ndim = len(shape)): ``image`` float32 ``(*shape, channels)``, ``label`` uint8
-    ``shape``; ``spacing``/``origin`` float32 ``(ndim,)`` in mm and ``direction``
+    ``shape`` for train and valid cases (a window of ``shape``), any spatial shape for test
+    cases (stored whole, padded to at least ``shape``); ``spacing``/``origin`` float32
+    ``(ndim,)`` in mm and ``direction``
     ``(ndim * ndim,)`` of the stored grid; ``original_*`` the same for the raw file plus
     ``original_shape``; ``crop_start`` int32 ``(ndim,)``, the stored window's start in the
     resampled grid; ``original_label`` uint8 ``original_shape`` (variable), the label file
@@ -54,10 +56,11 @@ def example_features(
     return tfds.features.FeaturesDict(
         {
             "uid": tfds.features.Text(),
+            # Train and valid cases have `shape`; test cases are stored whole (any shape).
             "image": tfds.features.Tensor(
-                shape=(*shape, num_channels), dtype=np.float32, encoding=encoding
+                shape=(*(None,) * ndim, num_channels), dtype=np.float32, encoding=encoding
             ),
-            "label": tfds.features.Tensor(shape=tuple(shape), dtype=np.uint8, encoding=encoding),
+            "label": tfds.features.Tensor(shape=(None,) * ndim, dtype=np.uint8, encoding=encoding),
             "original_label": tfds.features.Tensor(
                 shape=(None,) * ndim, dtype=np.uint8, encoding=tfds.features.Encoding.ZLIB
             ),
@@ -230,13 +233,20 @@ class ImgxBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         an empty split reads as 0 examples)."""
         if not any(splits.values()):
             raise DatasetError(f"{self.name}: no cases found in the raw files.")
-        return {split: self._generate_examples(cases) for split, cases in splits.items() if cases}
+        return {
+            split: self._generate_examples(cases, whole=split == "test")
+            for split, cases in splits.items()
+            if cases
+        }
 
-    def _generate_examples(self, cases: Sequence[Any]) -> Iterator[Example]:
-        """Yields ``(uid, example)`` per case, preprocessed by :meth:`_load`."""
+    def _generate_examples(self, cases: Sequence[Any], *, whole: bool = False) -> Iterator[Example]:
+        """Yields ``(uid, example)`` per case, preprocessed by :meth:`_load`; with ``whole``
+        (the test split) each case is stored whole (:meth:`PreprocessedCase.whole`)."""
         for case in cases:
             uid, processed = self._load(case)
-            if processed.cropped_foreground:
+            if whole:
+                processed = processed.whole()
+            elif processed.cropped_foreground:
                 logging.warning(
                     "%s: case %s: the stored %s window drops %d foreground voxels of the "
                     "label; imgx test scores them against the label file (missed), and "
