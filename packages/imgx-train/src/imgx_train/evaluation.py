@@ -213,7 +213,7 @@ def original_label_of(
 
 def scored_case(
     task: tasks.Task, example: dict[str, Any], probabilities: np.ndarray, tolerance_mm: float
-) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray], list[dict[str, np.ndarray]]]:
+) -> tuple[np.ndarray, np.ndarray | None, dict[str, np.ndarray], list[dict[str, np.ndarray]]]:
     """(label on the stored grid, label on the original grid, the case's metrics, per-step
     metrics) as `imgx test` reports them.
 
@@ -221,12 +221,13 @@ def scored_case(
     (`original_label`), in mm of that grid (`original_spacing`): foreground the stored crop
     dropped counts as missed. The stored-grid metrics of `case_metrics` are kept as
     `<metric>_resampled`; per-step metrics (diffusion) are on the stored grid. Datasets
-    built before `original_label` was stored give the stored-grid metrics alone.
+    built before `original_label` was stored give the stored-grid metrics alone, and None
+    for the label on the original grid (`original_label_of` makes it).
     """
     stored_label, stored, per_step = case_metrics(task, example, probabilities, tolerance_mm)
-    label, grid = original_label_of(task, example, probabilities)
     if "original_label" not in example:
-        return stored_label, label, stored, per_step
+        return stored_label, None, stored, per_step
+    label, grid = original_label_of(task, example, probabilities)
     original = metrics.per_class_metrics(
         label,
         np.asarray(example["original_label"]).astype(np.int32),
@@ -566,6 +567,8 @@ def evaluate(
             cropped["num_cases"] += dropped > 0
             cropped["voxels"] += dropped
             if main and save_predictions:
+                if label is None:
+                    label, _ = original_label_of(task, example, probs)
                 _write_prediction(tmp_dir / "predictions", uid, label, example)
             if main and i < cfg.eval.num_overlays:
                 reports.save_overlay(
