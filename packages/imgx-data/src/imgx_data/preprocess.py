@@ -8,7 +8,8 @@ geometry and the original file's geometry are kept so that a prediction can be r
 back onto the original grid (:func:`restore_to_original`, or better
 :func:`restore_probabilities`: probabilities linearly, then the argmax), and the label file
 itself is kept on its own grid (``original_label``) so that metrics can be computed against
-it, as nnU-Net does, counting foreground the crop dropped (``cropped_foreground``).
+it, as nnU-Net does, counting foreground the crop dropped (``cropped_foreground``). Test
+cases are stored whole instead (:meth:`PreprocessedCase.whole`).
 
 All arrays are in ``(x, y[, z])`` order (see :mod:`imgx_data.io`).
 """

@@ -4,6 +4,8 @@
 configured sampler). `evaluate` is `imgx valid` / `imgx test`: it restores a checkpoint,
 predicts every case of a split (sliding windows when the dataset trains on patches), and
 writes `per_case.csv`, `summary.json`, predictions in the original geometry and overlays.
+Its metrics are those of the prediction restored onto the original grid against the label
+file (`scored_case`); the stored-grid ones are kept as `<metric>_resampled`.
 
 Results never overwrite other results: the folder is named by every setting that changes
 the numbers (`results_name`: checkpoint step, sampler, sampling steps, DDIM's eta, number
