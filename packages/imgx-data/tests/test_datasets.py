@@ -252,12 +252,18 @@ def test_brats_regions_and_split(tmp_path, name, labels):
     assert info.num_channels == 4 and info.overlapping == (name == "brats2021_mr")
     example = imgx_data.data_source(name, "test", tmp_path / "data")[0]
     assert example["uid"] == "BraTS2021_00005"
-    assert example["image"].shape == (9, 8, 6, 4)
+    # Test cases are stored whole (the raw (12, 10, 6) grid), not in the (9, 8, 6) window.
+    assert example["image"].shape == (12, 10, 6, 4)
     assert set(np.unique(example["label"])) == labels
-    # Raw ED (2) is the block [2:6, 2:5]; the window starts at (1, 1, 0).
+    # Raw ED (2) is the block [2:6, 2:5]; stored whole, it keeps its index.
     raw_seg = write_case(tmp_path / "i.nii.gz", None, 0, **BRATS)
-    assert raw_seg[2, 2, 1] == 2 and example["label"][1, 1, 1] == 1
-    np.testing.assert_allclose(example["origin"], (1.0, 1.0, 0.0))
+    assert raw_seg[2, 2, 1] == 2 and example["label"][2, 2, 1] == 1
+    np.testing.assert_allclose(example["origin"], (0.0, 0.0, 0.0))
+    np.testing.assert_array_equal(example["crop_start"], (0, 0, 0))
+    # Train cases keep the brain window, which starts at (1, 1, 0).
+    train = imgx_data.data_source(name, "train", tmp_path / "data")[0]
+    assert train["image"].shape == (9, 8, 6, 4)
+    np.testing.assert_allclose(train["origin"], (1.0, 1.0, 0.0))
 
 
 def test_muscle_us_folders_and_png_scaling(tmp_path):

@@ -331,7 +331,7 @@ def test_failed_overwrite_keeps_the_existing_build(tmp_path):
     image.write_bytes(clean)
     rebuilt = _build(tmp_path, raw, overwrite=True, shape=(4, 4, 4))
     assert rebuilt.image_shape == (4, 4, 4) != first.image_shape
-    assert imgx_data.data_source("mine", "test", data)[0]["image"].shape == (4, 4, 4, 1)
+    assert imgx_data.data_source("mine", "train", data)[0]["image"].shape == (4, 4, 4, 1)
     assert [p.name for p in data.iterdir()] == ["mine"]
 
 

@@ -9,9 +9,11 @@ from imgx_data.io import array_to_sitk
 from imgx_data.preprocess import (
     crop_start,
     extract_window,
+    geometry_features,
     normalise_intensity,
     preprocess_volume,
     resampled_grid,
+    restore_probabilities,
     restore_to_original,
 )
 
@@ -129,3 +131,69 @@ def test_preprocess_resampled_restore_close_to_original():
     )
     restored, _ = restore_to_original(case.label, case.to_example("u"))
     np.testing.assert_array_equal(restored, label)
+
+
+def outside_crop_case():
+    """A (32, 8) label whose foreground box (x 4..30) exceeds the (16, 8) window.
+
+    Foreground box [4, 31) has centre 17.5: the window starts at floor(17.5 - 8 + 0.5) = 10
+    and keeps x 10, 11 of the first structure (2 x 4 = 8 voxels) of 8 x 4 + 3 x 4 = 44.
+    """
+    label = np.zeros((32, 8), np.uint8)
+    label[4:12, 2:6] = 1
+    label[28:31, 2:6] = 1
+    geometry = Geometry.identity(label.shape, (1.0, 1.0))
+    image = np.linspace(0.0, 1.0, label.size).reshape(label.shape).astype(np.float32)
+    return preprocess_volume(
+        array_to_sitk(image, geometry),
+        array_to_sitk(label, geometry),
+        target_spacing=None,
+        target_shape=(16, 8),
+        intensity="identity",
+    ), label
+
+
+def test_preprocess_keeps_label_file_and_counts_cropped_foreground():
+    case, label = outside_crop_case()
+    assert case.crop_start == (10, 0)
+    assert int(case.label.sum()) == 8
+    assert case.cropped_foreground == 44 - 8
+    np.testing.assert_array_equal(case.original_label, label)
+    example = case.to_example("u")
+    assert example["cropped_foreground"] == 36
+    np.testing.assert_array_equal(example["original_label"], label)
+
+
+def test_restore_probabilities_is_linear_then_argmax_not_nearest_labels():
+    """Stored voxels of 2 mm at x = 0.5, 2.5, 4.5 mm; original 1 mm voxels at x = 0..5.
+
+    p(class 1) = [0.55, 0, 0] stored. At x = 1 mm linear interpolation gives
+    0.75 * 0.55 = 0.4125 < 0.5: background, where the nearest stored label (x = 0.5 mm) is
+    class 1; at x = 2, 3, 4: 0.1375, 0, 0.
+    """
+    stored = Geometry(shape=(3, 2), spacing=(2.0, 1.0), origin=(0.5, 0.0), direction=(1, 0, 0, 1))
+    original = Geometry.identity((6, 2), (1.0, 1.0))
+    p1 = np.repeat(np.array([[0.55], [0.0], [0.0]], np.float32), 2, axis=1)
+    probabilities = np.stack([1 - p1, p1], axis=-1)
+    example = {"label": np.zeros((3, 2), np.uint8), **geometry_features(stored, original, (0, 0))}
+    restored, grid = restore_probabilities(probabilities, example)
+    assert grid.shape == (6, 2) and restored.shape == (6, 2, 2)
+    np.testing.assert_allclose(restored[1:5, 0, 1], [0.4125, 0.1375, 0.0, 0.0], atol=1e-6)
+    np.testing.assert_allclose(restored.sum(-1)[1:5], 1.0, atol=1e-6)
+    linear = np.argmax(restored, axis=-1)
+    nearest, _ = restore_to_original(np.argmax(probabilities, axis=-1), example)
+    assert linear[1, 0] == 0 and nearest[1, 0] == 1
+    np.testing.assert_array_equal(linear[2:], nearest[2:])
+    with pytest.raises(ValueError, match="stored grid"):
+        restore_probabilities(probabilities[:2], example)
+
+
+def test_whole_case_keeps_the_foreground_the_window_drops():
+    """Stored whole (as test cases are), the (32, 8) grid is kept: all 44 voxels."""
+    case, label = outside_crop_case()
+    whole = case.whole()
+    assert whole.crop_start == (0, 0) and whole.cropped_foreground == 0
+    np.testing.assert_array_equal(whole.label, label)
+    assert whole.geometry == case.original
+    assert whole.image.shape == (32, 8, 1)
+    assert whole.resampled is None  # already whole

@@ -233,3 +233,83 @@ def test_ensemble_of_a_run_with_its_copy_equals_the_run_alone(run, summary, tmp_
     assert [r["run_dir"] for r in ensemble["runs"]] == [str(run), str(copy)]
     for alone in (ensemble, *ensemble["runs"]):
         assert alone["foreground_mean"] == pytest.approx(summary["foreground_mean"], nan_ok=True)
+
+
+def test_test_metrics_are_on_the_original_grid_with_resampled_columns(run, summary):
+    assert summary["metrics_grid"] == "original"
+    assert summary["cropped_foreground"] == {"num_cases": 0, "voxels": 0}
+    # Phantoms are generated on the stored grid (no resampling, no crop): both agree.
+    for metric in ("dice", "hd95"):
+        assert summary["foreground_mean_resampled"][metric] == pytest.approx(
+            summary["foreground_mean"][metric], nan_ok=True
+        )
+    with (Path(summary["output_dir"]) / "per_case.csv").open() as f:
+        row = next(csv.DictReader(f))
+    assert float(row["dice_resampled_muscle"]) == pytest.approx(float(row["dice_muscle"]))
+
+
+def test_structure_outside_the_crop_counts_as_missed_on_the_original_grid(run):
+    """A perfect prediction of the stored (16, 8) crop of a (32, 8) label whose second
+    structure lies outside the crop (test_preprocess.outside_crop_case): 8 of the 44
+    foreground voxels are stored. The crop's Dice is 1 (the old metric never sees the rest);
+    on the label file it is 2 * 8 / (8 + 44)."""
+    task = evaluation.restore_run(run).task
+    label, example, whole = outside_crop_example()
+    probs = np.eye(task.num_channels, dtype=np.float32)[example["label"]][..., None]
+    stored_label, restored, scores, _ = evaluation.scored_case(task, example, probs, 1.0)
+    np.testing.assert_array_equal(stored_label, example["label"])
+    assert scores["dice_resampled"][1] == pytest.approx(1.0)
+    assert scores["dice"][1] == pytest.approx(2 * 8 / (8 + 44))
+    volumes = scores["volume_reference"][1] / scores["volume_reference_resampled"][1]
+    assert volumes == pytest.approx(44 / 8)
+    assert int(restored.sum()) == 8 and restored.shape == label.shape
+    # Stored whole (test cases), a perfect prediction finds all 44 voxels: Dice 1.
+    whole_probs = np.eye(task.num_channels, dtype=np.float32)[whole["label"]][..., None]
+    _, restored, scores, _ = evaluation.scored_case(task, whole, whole_probs, 1.0)
+    np.testing.assert_array_equal(restored, label)
+    assert scores["dice"][1] == pytest.approx(1.0)
+
+
+def test_whole_test_case_of_another_shape_goes_through_sliding_windows(run, monkeypatch):
+    """A (32, 8) whole case with a (96, 96) network: padded into one window, scored on
+    the label file (no foreground cropped)."""
+    _, _, whole = outside_crop_example()
+    monkeypatch.setattr(evaluation, "split_source", lambda cfg, split: [whole, whole])
+    summary = evaluation.evaluate(run, split="test", sampler="ddim", num_steps=2, seed=6)
+    assert summary["num_cases"] == 2 and summary["cropped_foreground"]["voxels"] == 0
+    label, _ = imgx_data.read_image(Path(summary["output_dir"]) / "predictions" / "outside.nii.gz")
+    assert label.shape == (32, 8)
+
+
+def outside_crop_example():
+    """The label file (32, 8) and the stored example of its (16, 8) crop (8 of 44
+    foreground voxels kept; test_preprocess.outside_crop_case)."""
+    label = np.zeros((32, 8), np.uint8)
+    label[4:12, 2:6] = 1
+    label[28:31, 2:6] = 1
+    grid = imgx_data.Geometry.identity(label.shape, (1.0, 1.0))
+    case = imgx_data.preprocess.preprocess_volume(
+        imgx_data.io.array_to_sitk(label.astype(np.float32), grid),
+        imgx_data.io.array_to_sitk(label, grid),
+        target_spacing=None,
+        target_shape=(16, 8),
+        intensity="identity",
+    )
+    return label, case.to_example("outside"), case.whole().to_example("outside")
+
+
+def test_summary_counts_the_foreground_the_crops_drop(run, monkeypatch, caplog):
+    """`imgx test` on a split of one case whose crop drops 36 foreground voxels."""
+    _, example, _ = outside_crop_example()
+    monkeypatch.setattr(evaluation, "split_source", lambda cfg, split: [example])
+    with caplog.at_level("WARNING"):
+        summary = evaluation.evaluate(
+            run, split="test", sampler="ddim", num_steps=2, seed=5, save_predictions=False
+        )
+    assert summary["cropped_foreground"] == {"num_cases": 1, "voxels": 36}
+    assert "drop 36 foreground voxels" in caplog.text
+    written = json.loads((Path(summary["output_dir"]) / "summary.json").read_text())
+    assert written["cropped_foreground"] == {"num_cases": 1, "voxels": 36}
+    assert written["metrics_grid"] == "original"
+    # At most the 8 stored voxels can be found of the 44: Dice <= 2 * 8 / (8 + 44).
+    assert written["per_class"]["muscle"]["dice"]["mean"] <= 16 / 52 + 1e-6

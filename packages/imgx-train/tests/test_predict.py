@@ -36,7 +36,15 @@ def per_voxel_model(params, key, image):
     return jax.nn.softmax(value * params["a"] + params["b"] + noise, axis=-2)
 
 
-def stub_task(*, ndim=2, num_channels=1, patch_shape=None, overlap=None, model=per_voxel_model):
+def stub_task(
+    *,
+    ndim=2,
+    num_channels=1,
+    patch_shape=None,
+    overlap=None,
+    model=per_voxel_model,
+    image_shape=None,
+):
     data = SimpleNamespace(patch_shape=patch_shape, inference_overlap=overlap, eval_batch_size=4)
     cfg = SimpleNamespace(eval=SimpleNamespace(sampler="ddim", num_steps=NUM_STEPS, eta=0.0))
     cfg.data = data
@@ -46,6 +54,7 @@ def stub_task(*, ndim=2, num_channels=1, patch_shape=None, overlap=None, model=p
         spacing=(1.0,) * ndim,
         intensity="identity",
         num_spatial_dims=ndim,
+        image_shape=image_shape or (8,) * ndim,  # the stored shape the network trained on
     )
     return SimpleNamespace(
         cfg=cfg,
@@ -323,7 +332,7 @@ def test_sliding_windows_equal_the_whole_image(shape, patch_shape, overlap):
 
 
 def test_iterate_cases_does_not_depend_on_the_batch_size():
-    task = stub_task()
+    task = stub_task(image_shape=(6, 5))
     rng = np.random.default_rng(4)
     source = [{"image": rng.random((6, 5, 1)).astype(np.float32)} for _ in range(5)]
     model = jax.jit(per_voxel_model)
@@ -405,3 +414,29 @@ def test_info_reports_the_best_checkpoint_that_test_restores(tmp_path):
     mngr = ckpt_lib.manager(tmp_path, read_only=True)
     assert ckpt_lib.select_step(mngr, "best", ckpt_lib.best_step(mngr, records)) == 2
     mngr.close()
+
+
+def test_iterate_cases_predicts_a_whole_test_case_with_windows_of_the_stored_shape():
+    """A (13, 7) case (stored whole) of a (6, 5) whole-image dataset goes through (6, 5)
+    sliding windows; the per-voxel model makes them equal one whole-image call."""
+    task = stub_task(image_shape=(6, 5))
+    rng = np.random.default_rng(8)
+    shapes = [(6, 5), (13, 7), (6, 5)]
+    source = [{"image": rng.random((*s, 1)).astype(np.float32)} for s in shapes]
+    calls = []
+
+    def model(params, key, image):
+        calls.append(image.shape[1:-1])
+        return per_voxel_model(params, key, image)
+
+    got = [
+        p for _, p in evaluation.iterate_cases(task, model, PARAMS, source, seed=2, batch_size=3)
+    ]
+    assert (13, 7) not in calls and set(calls) == {(6, 5)}
+    for i, example in enumerate(source):
+        key = jax.random.fold_in(jax.random.key(2), i)
+        expected = evaluation.case_probabilities(
+            task, per_voxel_model, PARAMS, key, example["image"]
+        )
+        assert got[i].shape == (*shapes[i], NUM_CLASSES, NUM_STEPS)
+        np.testing.assert_allclose(got[i], expected, rtol=1e-5, atol=1e-6)

@@ -96,7 +96,14 @@ def test_summarize_counts_pure_false_positives(rows):
 def test_summarize_always_has_every_key():
     row = case_row("a", {"dice": np.array([1.0, 0.5, 0.25])})
     summary = summarize([row], CLASSES)
-    assert set(summary) == {"num_cases", "foreground_mean", "per_class", "empty", "per_step"}
+    assert set(summary) == {
+        "num_cases",
+        "foreground_mean",
+        "per_class",
+        "empty",
+        "per_step",
+        "foreground_mean_resampled",
+    }
     assert summary["empty"] == {} and summary["per_step"] == {}
 
 

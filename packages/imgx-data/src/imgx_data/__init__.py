@@ -22,7 +22,12 @@ from imgx_data.errors import DatasetError
 from imgx_data.io import Geometry, read_channels, read_image, write_image
 from imgx_data.loading import TrainIterator, eval_batches
 from imgx_data.patches import gaussian_weight, patch_grid, sliding_window_inference
-from imgx_data.preprocess import example_geometry, resample_to_geometry, restore_to_original
+from imgx_data.preprocess import (
+    example_geometry,
+    resample_to_geometry,
+    restore_probabilities,
+    restore_to_original,
+)
 from imgx_data.registry import (
     DatasetInfo,
     DataSource,
@@ -68,6 +73,7 @@ __all__ = [
     "read_image",
     "resample_to_geometry",
     "restore_scan_label",
+    "restore_probabilities",
     "restore_to_original",
     "write_image",
 ]

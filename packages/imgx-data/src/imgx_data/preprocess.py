@@ -5,7 +5,11 @@ labels) keeping the grid corner fixed; clip intensities to a range or to the
 [0.5, 99.5] percentiles, z-score and rescale to [0, 1] per channel; pad symmetrically to
 the target shape and crop to it centred on the label's foreground. The preprocessed grid's
 geometry and the original file's geometry are kept so that a prediction can be resampled
-back onto the original grid (:func:`restore_to_original`).
+back onto the original grid (:func:`restore_to_original`, or better
+:func:`restore_probabilities`: probabilities linearly, then the argmax), and the label file
+itself is kept on its own grid (``original_label``) so that metrics can be computed against
+it, as nnU-Net does, counting foreground the crop dropped (``cropped_foreground``). Test
+cases are stored whole instead (:meth:`PreprocessedCase.whole`).
 
 All arrays are in ``(x, y[, z])`` order (see :mod:`imgx_data.io`).
 """
@@ -198,6 +202,12 @@ class PreprocessedCase:
         geometry: the preprocessed (stored) grid.
         original: the grid of the raw file.
         crop_start: start of the stored window in the resampled grid (negative = padding).
+        original_label: uint8 label on the raw file's grid ``original.shape`` (the label
+            file itself), the reference of test metrics.
+        cropped_foreground: foreground voxels of the resampled label outside the stored
+            window (dropped by the crop; 0 when the window holds all of it).
+        resampled: the whole scaled image and label on the resampled grid, and that grid
+            (for :meth:`whole`), or None when the stored window is the whole grid.
     """
 
     image: np.ndarray
@@ -205,6 +215,27 @@ class PreprocessedCase:
     geometry: Geometry
     original: Geometry
     crop_start: tuple[int, ...]
+    original_label: np.ndarray
+    cropped_foreground: int = 0
+    resampled: tuple[np.ndarray, np.ndarray, Geometry] | None = None
+
+    def whole(self) -> PreprocessedCase:
+        """The case stored whole: the entire resampled grid, padded symmetrically (with
+        zeros) to at least the window's shape, so that no foreground is cropped away
+        (``crop_start`` is then ``-padding``, the true extent is ``original``'s)."""
+        if self.resampled is None:
+            return self
+        image, label, grid = self.resampled
+        shape = tuple(int(max(n, t)) for n, t in zip(grid.shape, self.label.shape, strict=True))
+        start = crop_start(grid.shape, shape, None)
+        return PreprocessedCase(
+            image=extract_window(image, start, shape),
+            label=extract_window(label, start, shape),
+            geometry=window_grid(grid, start, shape),
+            original=self.original,
+            crop_start=start,
+            original_label=self.original_label,
+        )
 
     def to_example(self, uid: str) -> dict[str, object]:
         """The TFDS feature dict of this case."""
@@ -212,6 +243,8 @@ class PreprocessedCase:
             "uid": uid,
             "image": self.image.astype(np.float32),
             "label": self.label.astype(np.uint8),
+            "original_label": np.asarray(self.original_label).astype(np.uint8),
+            "cropped_foreground": np.int64(self.cropped_foreground),
             **geometry_features(self.geometry, self.original, self.crop_start),
         }
 
@@ -273,6 +306,44 @@ def restore_to_original(
     return resample_to_geometry(label, geometry, original, is_label=True), original
 
 
+def restore_probabilities(
+    probabilities: np.ndarray, example: Mapping[str, np.ndarray]
+) -> tuple[np.ndarray, Geometry]:
+    """Puts class probabilities predicted on the stored grid back onto the original grid.
+
+    Each class channel is resampled linearly (voxels outside the stored window get 0, so
+    that the argmax, or nested regions' ``p >= 0.5``, gives background there); take the
+    labels after, as nnU-Net does (``resample_data_or_seg`` on the softmax): an argmax of
+    interpolated probabilities follows the decision boundary between stored voxels, where
+    nearest-neighbour labels (:func:`restore_to_original`) make blocks of the coarser grid.
+
+    Args:
+        probabilities: ``(*spatial, C)`` on the stored grid of ``example``.
+        example: a stored example (its geometry features are used).
+
+    Returns:
+        float32 ``(*original.shape, C)`` and the original grid.
+    """
+    geometry, original = example_geometry(example)
+    probabilities = np.asarray(probabilities, np.float32)
+    if probabilities.shape[:-1] != geometry.shape:
+        raise ValueError(
+            f"Probabilities of shape {probabilities.shape} do not fit the stored grid "
+            f"{geometry.shape} (spatial axes, then classes)."
+        )
+    channels = [
+        resample_to_geometry(probabilities[..., c], geometry, original, is_label=False)
+        for c in range(probabilities.shape[-1])
+    ]
+    return np.stack(channels, axis=-1), original
+
+
+def foreground_outside(label: np.ndarray, start: Sequence[int], shape: Sequence[int]) -> int:
+    """Foreground voxels of ``label`` outside the window ``start : start + shape``."""
+    inside = extract_window(np.asarray(label) > 0, start, shape)
+    return int(np.count_nonzero(label)) - int(np.count_nonzero(inside))
+
+
 def preprocess_volume(
     image: sitk.Image,
     label: sitk.Image,
@@ -296,6 +367,7 @@ def preprocess_volume(
             centred on the foreground (:func:`crop_start`).
     """
     image_array, grid, original = prepare_image(image, target_spacing=target_spacing)
+    original_label = sitk_to_array(label).astype(np.uint8)
     if target_spacing is not None:
         label = resample_image(label, grid, is_label=True)
     label_array = sitk_to_array(label)
@@ -303,16 +375,17 @@ def preprocess_volume(
         start = crop_start(grid.shape, target_shape, label_array)
     else:
         start = tuple(int(s) for s in window_start)
+    scaled = scale_intensity(image_array, intensity)
+    label_array = label_array.astype(np.uint8)
     return PreprocessedCase(
-        image=extract_window(
-            scale_intensity(image_array, intensity),
-            start,
-            target_shape,
-        ),
-        label=extract_window(label_array.astype(np.uint8), start, target_shape),
+        image=extract_window(scaled, start, target_shape),
+        label=extract_window(label_array, start, target_shape),
         geometry=window_grid(grid, start, target_shape),
         original=original,
         crop_start=start,
+        original_label=original_label,
+        cropped_foreground=foreground_outside(label_array, start, target_shape),
+        resampled=(scaled, label_array, grid),
     )
 
 

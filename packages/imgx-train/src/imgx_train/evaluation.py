@@ -4,6 +4,8 @@
 configured sampler). `evaluate` is `imgx valid` / `imgx test`: it restores a checkpoint,
 predicts every case of a split (sliding windows when the dataset trains on patches), and
 writes `per_case.csv`, `summary.json`, predictions in the original geometry and overlays.
+Its metrics are those of the prediction restored onto the original grid against the label
+file (`scored_case`); the stored-grid ones are kept as `<metric>_resampled`.
 
 Results never overwrite other results: the folder is named by every setting that changes
 the numbers (`results_name`: checkpoint step, sampler, sampling steps, DDIM's eta, number
@@ -24,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import shutil
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -50,6 +53,7 @@ def case_probabilities(
     *,
     num_samples: int = 1,
     last_step_only: bool = False,
+    patch_shape: Sequence[int] | None = None,
 ) -> np.ndarray:
     """Probabilities `(*spatial, C, K)` of one image `(*spatial, channels)`.
 
@@ -58,9 +62,11 @@ def case_probabilities(
     `num_samples` S > 1 the probabilities are the mean over S samples (an ensemble), sample
     s drawn with the key `fold_in(key, s)`. With `last_step_only` only the final sampling
     step is copied back and stitched: `(*spatial, C, 1)`, K times less host memory.
+    `patch_shape` gives the windows when the dataset has none (`data.patch_shape` None):
+    a test case stored whole, larger than the images the network was trained on.
     """
     cfg = task.cfg
-    patch_shape = cfg.data.patch_shape
+    patch_shape = cfg.data.patch_shape or patch_shape
     steps = slice(-1, None) if last_step_only else slice(None)
     total = None
     for s in range(num_samples):
@@ -118,33 +124,41 @@ def iterate_cases(
     Case i is predicted with the key `fold_in(key(seed), i)` (as `case_probabilities`
     uses it) whatever the batching, so the same seed gives the same predictions and they
     do not depend on the batch size. Whole-image datasets are predicted in batches of
-    `batch_size` (default `data.eval_batch_size`) cases. `last_step_only`: K = 1, the
-    final sampling step (see `case_probabilities`).
+    `batch_size` (default `data.eval_batch_size`) cases; a case of another shape than the
+    dataset's (a test case stored whole) goes alone through sliding windows of the
+    dataset's shape. `last_step_only`: K = 1, the final sampling step (see
+    `case_probabilities`).
     """
     n = len(source) if max_cases is None else min(len(source), max_cases)
     base_key = jax.random.key(seed)
+    stored_shape = tuple(task.info.image_shape)
+
+    def alone(i: int, example: dict[str, Any]) -> tuple[dict[str, Any], np.ndarray]:
+        key = jax.random.fold_in(base_key, i)
+        return example, case_probabilities(
+            task,
+            predict,
+            params,
+            key,
+            example["image"],
+            num_samples=num_samples,
+            last_step_only=last_step_only,
+            patch_shape=stored_shape,
+        )
+
     if task.cfg.data.patch_shape is not None or num_samples > 1:
         for i in range(n):
-            example = source[i]
-            key = jax.random.fold_in(base_key, i)
-            yield (
-                example,
-                case_probabilities(
-                    task,
-                    predict,
-                    params,
-                    key,
-                    example["image"],
-                    num_samples=num_samples,
-                    last_step_only=last_step_only,
-                ),
-            )
+            yield alone(i, source[i])
         return
     batch_size = batch_size or task.cfg.data.eval_batch_size
     batched = _batched(predict)
     for start in range(0, n, batch_size):
         indices = list(range(start, min(start + batch_size, n)))
         examples = [source[i] for i in indices]
+        if any(np.shape(e["image"])[:-1] != stored_shape for e in examples):
+            for i, example in zip(indices, examples, strict=True):
+                yield alone(i, example)
+            continue
         images = np.stack([e["image"] for e in examples])
         indices += [indices[-1]] * (batch_size - len(examples))  # pad to one compiled shape
         if len(examples) < batch_size:
@@ -186,6 +200,46 @@ def case_metrics(
     final_label, final = steps[-1]
     per_step = [m for _, m in steps] if num_steps > 1 else []
     return final_label, final, per_step
+
+
+def original_label_of(
+    task: tasks.Task, example: dict[str, Any], probabilities: np.ndarray
+) -> tuple[np.ndarray, imgx_data.Geometry]:
+    """The final label on the original file's grid: the final step's probabilities
+    resampled linearly onto that grid, then the argmax (nested regions: p >= 0.5) and the
+    dataset's post-processing with that grid's spacing (`imgx_data.restore_probabilities`)."""
+    restored, grid = imgx_data.restore_probabilities(probabilities[..., -1], example)
+    label = np.asarray(task.labels_from_probabilities(restored))
+    return imgx_data.postprocess(task.info.name, label, grid.spacing).astype(np.uint8), grid
+
+
+def scored_case(
+    task: tasks.Task, example: dict[str, Any], probabilities: np.ndarray, tolerance_mm: float
+) -> tuple[np.ndarray, np.ndarray | None, dict[str, np.ndarray], list[dict[str, np.ndarray]]]:
+    """(label on the stored grid, label on the original grid, the case's metrics, per-step
+    metrics) as `imgx test` reports them.
+
+    The metrics are those of the label on the original grid against the label file
+    (`original_label`), in mm of that grid (`original_spacing`): foreground the stored crop
+    dropped counts as missed. The stored-grid metrics of `case_metrics` are kept as
+    `<metric>_resampled`; per-step metrics (diffusion) are on the stored grid. Datasets
+    built before `original_label` was stored give the stored-grid metrics alone, and None
+    for the label on the original grid (`original_label_of` makes it).
+    """
+    stored_label, stored, per_step = case_metrics(task, example, probabilities, tolerance_mm)
+    if "original_label" not in example:
+        return stored_label, None, stored, per_step
+    label, grid = original_label_of(task, example, probabilities)
+    original = metrics.per_class_metrics(
+        label,
+        np.asarray(example["original_label"]).astype(np.int32),
+        num_classes=task.info.num_classes,
+        spacing=grid.spacing,
+        tolerance_mm=tolerance_mm,
+        overlapping=task.overlapping,
+    )
+    resampled = {f"{k}_resampled": v for k, v in stored.items()}
+    return stored_label, label, original | resampled, per_step
 
 
 def split_source(cfg: config_lib.Config, split: str) -> imgx_data.DataSource:
@@ -504,18 +558,26 @@ def evaluate(
             )
         else:
             cases = _ensemble_probabilities(members, source, seed, member_rows, tolerance)
+        cropped = {"num_cases": 0, "voxels": 0}
+        grid = "stored"
         for i, (example, probs) in enumerate(cases):
             uid = str(example["uid"])
-            label, final, per_step = case_metrics(task, example, probs, tolerance)
+            stored_label, label, final, per_step = scored_case(task, example, probs, tolerance)
             rows.append(reports.case_row(uid, final, per_step))
+            grid = "original" if "original_label" in example else "stored"
+            dropped = int(example.get("cropped_foreground", 0))
+            cropped["num_cases"] += dropped > 0
+            cropped["voxels"] += dropped
             if main and save_predictions:
+                if label is None:
+                    label, _ = original_label_of(task, example, probs)
                 _write_prediction(tmp_dir / "predictions", uid, label, example)
             if main and i < cfg.eval.num_overlays:
                 reports.save_overlay(
                     tmp_dir / "overlays" / f"{_safe(uid)}.png",
                     np.asarray(example["image"]),
                     np.asarray(example["label"]),
-                    label,
+                    stored_label,
                     class_names=task.class_names,
                     spacing=tuple(float(s) for s in example["spacing"]),
                 )
@@ -530,8 +592,19 @@ def evaluate(
                 "num_steps": num_steps if sampling else None,
                 "num_samples": num_samples,
                 "seed": seed,
+                "metrics_grid": grid,
+                "cropped_foreground": cropped,
             }
         )
+        if cropped["voxels"]:
+            logging.warning(
+                "%s split: the stored crops of %d cases drop %d foreground voxels; they count "
+                "as missed in the metrics on the original grid (summary.json "
+                "cropped_foreground).",
+                split,
+                cropped["num_cases"],
+                cropped["voxels"],
+            )
         if len(members) > 1:
             summary["runs"] = [
                 _member_summary(m, r, task.class_names)
@@ -581,7 +654,7 @@ def _ensemble_probabilities(
         uid = str(example["uid"])
         total = None
         for m, rows, (_, p) in zip(members, member_rows, cases, strict=True):
-            _, final, _ = case_metrics(m.restored.task, example, p, tolerance_mm)
+            _, _, final, _ = scored_case(m.restored.task, example, p, tolerance_mm)
             rows.append(reports.case_row(uid, final))
             total = p.astype(np.float32) if total is None else total + p
         yield example, total / len(members)
@@ -622,9 +695,9 @@ def _safe(uid: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in uid)
 
 
-def _write_prediction(folder: Path, uid: str, label: np.ndarray, example: dict) -> None:
-    original, geometry = imgx_data.restore_to_original(label, example)
-    original = original.astype(np.uint8)
+def _write_prediction(folder: Path, uid: str, original: np.ndarray, example: dict) -> None:
+    """Writes a label on the original grid (`original_label_of`) as NIfTI (and PNG for 2D)."""
+    _, geometry = imgx_data.example_geometry(example)
     imgx_data.write_image(folder / f"{_safe(uid)}.nii.gz", original, geometry)
     if geometry.ndim == 2:
         imgx_data.write_image(folder / f"{_safe(uid)}.png", original, geometry)

@@ -4,9 +4,10 @@ Each input case (a file, or `<case>_0000`, `_0001`, ... channel files) is put on
 dataset's spacing and intensities exactly as at training (from the run's
 `preprocess.json`; `run_dir` may also be a model file made by `imgx export`), predicted
 (whole image or Gaussian-blended sliding windows, stitched on the host), and resampled
-back onto its own grid. Diffusion runs with `num_samples` S > 1 give an ensemble: the
-label of the mean probabilities plus uncertainty maps (predictive entropy and the
-variance across samples averaged over classes). Several runs (`ensemble_with`:
+back onto its own grid: the class probabilities linearly, the label taken after (as
+nnU-Net does). Diffusion runs with `num_samples` S > 1 give an ensemble: the label of the
+mean probabilities plus uncertainty maps (predictive entropy and the variance across
+samples averaged over classes). Several runs (`ensemble_with`:
 cross-validation folds, or a seg and a diffusion run as in the MELBA paper) are ensembled
 alike, each run weighing the same.
 
@@ -196,14 +197,20 @@ class RunningEnsemble:
         def plogp(p):
             return np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0)
 
-        if self.overlapping:  # region i = label >= i, as imgx_diffusion derives it
-            label = np.sum(mean >= 0.5, axis=-1)
+        if self.overlapping:
             entropy = -np.sum(plogp(mean) + plogp(1.0 - mean), axis=-1)
         else:
-            label = np.argmax(mean, axis=-1)
             entropy = -np.sum(plogp(mean), axis=-1)
         variance = np.mean(self._m2 / self.weight, axis=-1)
-        return Ensemble(mean, label.astype(np.uint8), entropy, variance)
+        return Ensemble(mean, labels_of(mean, overlapping=self.overlapping), entropy, variance)
+
+
+def labels_of(probabilities: np.ndarray, *, overlapping: bool) -> np.ndarray:
+    """uint8 labels of probabilities (..., C): the argmax, or for nested regions (region i
+    = label >= i, as imgx_diffusion derives it) the number of regions with p >= 0.5."""
+    if overlapping:
+        return np.sum(probabilities >= 0.5, axis=-1).astype(np.uint8)
+    return np.argmax(probabilities, axis=-1).astype(np.uint8)
 
 
 def case_key(base_key: jax.Array, case: str) -> jax.Array:
@@ -302,16 +309,20 @@ def predict(
                     )
                     running.add(probabilities[..., 0], weight=most / m.num_samples)
             ensemble = running.result()
-            label = imgx_data.postprocess(info.name, ensemble.label, scan.grid.spacing)
-            outputs = {f"{case}.nii.gz": imgx_data.restore_scan_label(label, scan)}
+            # Probabilities back onto the scan's grid (linear), then the labels: as nnU-Net,
+            # and as `imgx test` restores its predictions (not nearest-neighbour labels).
+            mean = np.stack(
+                [_resample(ensemble.mean[..., c], scan) for c in range(task.num_channels)],
+                axis=-1,
+            )
+            label = labels_of(mean, overlapping=task.overlapping)
+            label = imgx_data.postprocess(info.name, label, scan.original.spacing)
+            outputs = {f"{case}.nii.gz": label}
             if uncertainty:
                 outputs[f"{case}_entropy.nii.gz"] = _resample(ensemble.entropy, scan)
                 outputs[f"{case}_variance.nii.gz"] = _resample(ensemble.variance, scan)
             if save_probabilities:
-                outputs[f"{case}_probabilities.nii.gz"] = np.stack(
-                    [_resample(ensemble.mean[..., c], scan) for c in range(task.num_channels)],
-                    axis=-1,
-                )
+                outputs[f"{case}_probabilities.nii.gz"] = mean
             if main:
                 written += _write_case(output_dir, outputs, scan.original)
         except (imgx_data.DatasetError, ValueError, OSError, RuntimeError) as e:

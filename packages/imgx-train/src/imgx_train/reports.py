@@ -138,7 +138,10 @@ def summarize(rows: Sequence[Mapping[str, Any]], class_names: Sequence[str]) -> 
       (exclusive: prediction_empty = a missed structure, reference_empty = a pure false
       positive), from the volumes ({} for rows without volumes);
       "per_step": {"step_<k>": {"foreground_mean": {...}}} for rows with step metrics, {}
-      without (seg, or a single sampling step)}``. Every key is always present.
+      without (seg, or a single sampling step);
+      "foreground_mean_resampled": the same mean of the ``<metric>_resampled`` columns
+      (metrics on the stored grid next to those on the original grid), {} without}``.
+      Every key is always present.
     """
     names = _metric_columns(rows, class_names)
     num_classes = len(class_names)
@@ -150,6 +153,8 @@ def summarize(rows: Sequence[Mapping[str, Any]], class_names: Sequence[str]) -> 
     summary: dict[str, Any] = {
         "num_cases": len(rows),
         "foreground_mean": _foreground_mean(table, "", num_classes),
+        # The stored (resampled, cropped) grid's metrics, when the rows also hold them.
+        "foreground_mean_resampled": _foreground_mean(table, "_resampled", num_classes),
         "per_class": {
             class_name: {name: _stats(table[name][:, k]) for name in final}
             for k, class_name in enumerate(class_names)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import json
+import logging
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -39,10 +40,13 @@ def example_features(
     """TFDS features of one case: image/label on the stored grid plus both geometries.
 
     Shapes (ndim = len(shape)): ``image`` float32 ``(*shape, channels)``, ``label`` uint8
-    ``shape``; ``spacing``/``origin`` float32 ``(ndim,)`` in mm and ``direction``
+    ``shape`` for train and valid cases (a window of ``shape``), any spatial shape for test
+    cases (stored whole, padded to at least ``shape``); ``spacing``/``origin`` float32
+    ``(ndim,)`` in mm and ``direction``
     ``(ndim * ndim,)`` of the stored grid; ``original_*`` the same for the raw file plus
     ``original_shape``; ``crop_start`` int32 ``(ndim,)``, the stored window's start in the
-    resampled grid.
+    resampled grid; ``original_label`` uint8 ``original_shape`` (variable), the label file
+    on its own grid; ``cropped_foreground`` int64, the foreground voxels the window dropped.
     """
     ndim = len(shape)
 
@@ -52,10 +56,15 @@ def example_features(
     return tfds.features.FeaturesDict(
         {
             "uid": tfds.features.Text(),
+            # Train and valid cases have `shape`; test cases are stored whole (any shape).
             "image": tfds.features.Tensor(
-                shape=(*shape, num_channels), dtype=np.float32, encoding=encoding
+                shape=(*(None,) * ndim, num_channels), dtype=np.float32, encoding=encoding
             ),
-            "label": tfds.features.Tensor(shape=tuple(shape), dtype=np.uint8, encoding=encoding),
+            "label": tfds.features.Tensor(shape=(None,) * ndim, dtype=np.uint8, encoding=encoding),
+            "original_label": tfds.features.Tensor(
+                shape=(None,) * ndim, dtype=np.uint8, encoding=tfds.features.Encoding.ZLIB
+            ),
+            "cropped_foreground": tfds.features.Tensor(shape=(), dtype=np.int64),
             "spacing": vector(ndim),
             "origin": vector(ndim),
             "direction": vector(ndim * ndim),
@@ -224,12 +233,29 @@ class ImgxBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         an empty split reads as 0 examples)."""
         if not any(splits.values()):
             raise DatasetError(f"{self.name}: no cases found in the raw files.")
-        return {split: self._generate_examples(cases) for split, cases in splits.items() if cases}
+        return {
+            split: self._generate_examples(cases, whole=split == "test")
+            for split, cases in splits.items()
+            if cases
+        }
 
-    def _generate_examples(self, cases: Sequence[Any]) -> Iterator[Example]:
-        """Yields ``(uid, example)`` per case, preprocessed by :meth:`_load`."""
+    def _generate_examples(self, cases: Sequence[Any], *, whole: bool = False) -> Iterator[Example]:
+        """Yields ``(uid, example)`` per case, preprocessed by :meth:`_load`; with ``whole``
+        (the test split) each case is stored whole (:meth:`PreprocessedCase.whole`)."""
         for case in cases:
             uid, processed = self._load(case)
+            if whole:
+                processed = processed.whole()
+            elif processed.cropped_foreground:
+                logging.warning(
+                    "%s: case %s: the stored %s window drops %d foreground voxels of the "
+                    "label; imgx test scores them against the label file (missed), and "
+                    "training never sees them: a larger target_shape keeps them.",
+                    self.name,
+                    uid,
+                    self.target_shape,
+                    processed.cropped_foreground,
+                )
             yield uid, processed.to_example(uid)
 
     @abc.abstractmethod

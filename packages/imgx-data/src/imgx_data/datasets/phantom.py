@@ -208,7 +208,7 @@ class _PhantomBuilder(ImgxBuilder, skip_registration=True):
         # Generated on the stored grid: no resampling, no crop.
         no_crop = (0,) * geometry.ndim
         return f"{SPLITS[split_index]}_{i:04d}", PreprocessedCase(
-            image, label, geometry, geometry, no_crop
+            image, label, geometry, geometry, no_crop, original_label=label
         )
 
 
