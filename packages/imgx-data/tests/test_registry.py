@@ -1,11 +1,13 @@
 """Tests of the dataset registry: data dir, names, info, build on demand, sources."""
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
 
 import imgx_data
+from imgx_data import DatasetError, registry
 
 
 def test_data_dir_precedence(monkeypatch, tmp_path):
@@ -150,3 +152,19 @@ def test_build_output_in_a_log_file_has_no_progress_bars(tmp_path, capfd):
     imgx_data.build("phantom", data_dir=tmp_path, split_sizes=(2, 1, 1))
     out, err = capfd.readouterr()
     assert "\r" not in out + err and "\x1b" not in out + err
+
+
+def test_a_phantom_of_an_older_format_is_built_again_with_its_options(tmp_path):
+    """A build without the current `format` (e.g. crops only, no original labels) is not
+    kept as it is: generated phantoms are rebuilt with the options they were built with;
+    a request for another build names the format change and --overwrite."""
+    imgx_data.build("phantom", data_dir=tmp_path, split_sizes=(2, 1, 1))
+    record = tmp_path / "phantom" / "1.0.0" / registry.BUILD_RECORD
+    old = json.loads(record.read_text())
+    del old["format"]
+    record.write_text(json.dumps(old))
+    with pytest.raises(DatasetError, match=r"format default -> 2.*--overwrite"):
+        imgx_data.build("phantom", data_dir=tmp_path, split_sizes=(2, 1, 1))
+    info = imgx_data.ensure_built("phantom", tmp_path)
+    assert json.loads(record.read_text())["format"] == registry.BUILD_FORMAT
+    assert info.split_sizes == {"train": 2, "valid": 1, "test": 1}

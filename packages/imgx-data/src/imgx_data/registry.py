@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import sys
@@ -36,6 +37,8 @@ from imgx_data.errors import DatasetError
 from imgx_data.folds import DEVELOPMENT_SPLITS, NUM_FOLDS, Folds, load_or_make_folds
 from imgx_data.postprocess import POSTPROCESSORS
 from imgx_data.preprocess import PERCENTILE, Intensity
+
+logger = logging.getLogger(__name__)
 
 NIFTI_FOLDER = "nifti_folder"
 
@@ -205,6 +208,10 @@ def build_command(name: str) -> str:
 
 #: The file in each dataset folder that records how imgx built it (see :func:`build`).
 BUILD_RECORD = "imgx_build.json"
+#: What the examples hold, recorded as the build parameter ``format``. 2: test cases whole,
+#: every example with its label on the original grid (``original_label``) and the count of
+#: foreground its window drops; builds without the parameter are format 1 (crops only).
+BUILD_FORMAT = 2
 
 
 def _plain(value: Any) -> Any:
@@ -253,6 +260,7 @@ def _build_request(
             f"{name}: unknown build option(s) {', '.join(unknown)}; it takes {', '.join(defaults)}."
         )
     parameters: dict[str, Any] = {
+        "format": BUILD_FORMAT,
         "dataset": name,
         "manual_dir": None if manual_dir is None else str(Path(manual_dir).expanduser().resolve()),
     }
@@ -541,6 +549,15 @@ def ensure_built(name: str, data_dir: str | Path | None = None) -> DatasetInfo:
             or the name is unknown.
     """
     info = dataset_info(name, data_dir)
+    if info.is_built and name in GENERATED:
+        path = _dataset_path(name, _resolve_data_dir(data_dir))
+        stored = _stored_parameters(path) or {}
+        if stored.get("format") != BUILD_FORMAT:
+            # Generated data, nothing of the user's: rebuilt in the current format.
+            logger.warning("%s: built by an older imgx (%s); building it again", name, path)
+            options = {k: v for k, v in stored.items() if k not in ("format", "dataset")}
+            options.pop("manual_dir", None)
+            return build(name, data_dir=data_dir, overwrite=True, **options)
     if info.is_built:
         return info
     if name in GENERATED:

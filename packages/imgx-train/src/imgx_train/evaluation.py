@@ -596,6 +596,13 @@ def evaluate(
                 "cropped_foreground": cropped,
             }
         )
+        if grid == "stored":
+            logging.warning(
+                "dataset %s was built by an older imgx, without the original label files: "
+                "these metrics are on the stored (cropped, resampled) grid; rebuild it with "
+                "`imgx build ... --overwrite` for metrics on the original grid",
+                cfg.data.name,
+            )
         if cropped["voxels"]:
             logging.warning(
                 "%s split: the stored crops of %d cases drop %d foreground voxels; they count "
