@@ -1,8 +1,11 @@
 """Test set-up shared by this package's tests: 2 fake CPU devices and the shared JAX
 compilation cache, before jax is imported."""
 
+import gc
 import os
 from pathlib import Path
+
+import pytest
 
 _FLAG = "--xla_force_host_platform_device_count=2"
 if _FLAG not in os.environ.get("XLA_FLAGS", ""):
@@ -17,3 +20,13 @@ os.environ.setdefault(
 )
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.environ["IMGX_COMPILATION_CACHE_DIR"])
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
+
+@pytest.fixture(autouse=True)
+def _collect_garbage_between_tests():
+    """Runs the finalizers of what a test left (e.g. an orbax CheckpointManager a test
+    never closed) here, between tests, rather than whenever the collector next runs: inside
+    CPython 3.11's thread bootstrap such a finalizer deadlocks the next thread start
+    (seen once in CI: orbax's `_AsyncManager.__del__` under `_maintain_shutdown_locks`)."""
+    yield
+    gc.collect()

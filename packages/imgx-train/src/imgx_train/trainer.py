@@ -368,18 +368,26 @@ def _run(
     with runs.locked(run_dir) if devices.is_main_process() else contextlib.nullcontext():
         if not resuming:
             _check_new(run_dir)  # again under the lock: another `train` may have won the race
+        # Closed on every exit: a manager left to the garbage collector can deadlock a
+        # later thread start (its finalizer runs inside CPython's thread bootstrap).
+        mngr = ckpt_lib.manager(run_dir, keep=cfg.train.keep_checkpoints)
         try:
-            return _train(cfg, run_dir, info, resuming, extend)
-        except OSError as e:
-            if runs.is_disk_full(e) and not isinstance(e, runs.RunError):
+            trained = _train(cfg, run_dir, info, mngr, resuming, extend)
+        except BaseException as e:
+            with contextlib.suppress(Exception):  # the error that stopped training wins
+                mngr.close()
+            if isinstance(e, OSError) and runs.is_disk_full(e) and not isinstance(e, runs.RunError):
                 raise runs.disk_full_error(e.filename or run_dir, run_dir) from e
             raise
+        mngr.close()
+        return trained
 
 
 def _train(
     cfg: config_lib.Config,
     run_dir: Path,
     info: imgx_data.DatasetInfo,
+    mngr,
     resuming: bool,
     extend: bool = False,
 ) -> Path:
@@ -408,7 +416,6 @@ def _train(
         mesh=mesh,
     )
     stopper = EarlyStopping(cfg.train.early_stopping_patience, cfg.train.early_stopping_min_delta)
-    mngr = ckpt_lib.manager(run_dir, keep=cfg.train.keep_checkpoints)
     train_log = runs.JsonlWriter(run_dir / "metrics" / "train.jsonl", enabled=main)
     valid_log = runs.JsonlWriter(run_dir / "metrics" / "valid.jsonl", enabled=main)
 
@@ -427,7 +434,6 @@ def _train(
         for later, reason in sorted(skipped.items()):
             ckpt_lib.set_aside(mngr, later, reason)
         if stopper.stopped_step is not None and not extend:
-            mngr.close()
             if main:
                 print(
                     f"{run_dir} was ended by early stopping at step {stopper.stopped_step} "
@@ -541,7 +547,6 @@ def _train(
             flush=True,
         )
     _save_final(mngr, step, state, meta)
-    mngr.close()
     if wandb_run is not None:
         wandb_run.finish()
     if main:
