@@ -122,29 +122,10 @@ def wait(mngr: ocp.CheckpointManager) -> None:
         raise
 
 
-# tensorstore reports a full disk as a ValueError without an errno, e.g. `UNKNOWN: Error
-# writing local file "...": [OS error 28: No space left on device]`.
-_DISK_FULL_MARKERS = ("no space left on device", "enospc", "os error 28", "errno 28")
-
-
-def is_disk_full(error: BaseException) -> bool:
-    """`runs.is_disk_full`, or an exception in the chain whose message says ENOSPC."""
-    if runs.is_disk_full(error):
-        return True
-    seen: set[int] = set()
-    current: BaseException | None = error
-    while current is not None and id(current) not in seen:
-        if any(m in str(current).lower() for m in _DISK_FULL_MARKERS):
-            return True
-        seen.add(id(current))
-        current = current.__cause__ or current.__context__
-    return False
-
-
 def _raise_if_disk_full(mngr: ocp.CheckpointManager, error: BaseException) -> None:
     """A full disk is a `RunError`; the unfinished step stays in orbax's temporary folder
     (`<step>.orbax-checkpoint-tmp*`), which no restore lists."""
-    if is_disk_full(error):
+    if runs.is_disk_full(error):
         directory = Path(str(mngr.directory))
         path = getattr(error, "filename", None) or directory
         raise runs.disk_full_error(path, directory.parent) from error

@@ -22,12 +22,20 @@ class RunError(FileNotFoundError):
     """A run directory that is missing, incomplete or cannot be written (e.g. a full disk)."""
 
 
+# tensorstore (orbax's array writer) reports a full disk as a ValueError without an errno,
+# e.g. `UNKNOWN: Error writing local file "...": [OS error 28: No space left on device]`.
+_DISK_FULL_MARKERS = ("no space left on device", "enospc", "os error 28", "errno 28")
+
+
 def is_disk_full(error: BaseException) -> bool:
-    """Whether `error` or an exception it was raised from is an `ENOSPC` OSError."""
+    """Whether `error` or an exception it was raised from is an `ENOSPC` OSError, or says
+    so in its message (tensorstore's errors carry no errno)."""
     seen: set[int] = set()
     current: BaseException | None = error
     while current is not None and id(current) not in seen:
         if isinstance(current, OSError) and current.errno == errno.ENOSPC:
+            return True
+        if any(marker in str(current).lower() for marker in _DISK_FULL_MARKERS):
             return True
         seen.add(id(current))
         current = current.__cause__ or current.__context__
