@@ -400,3 +400,71 @@ def test_file_name_that_is_not_utf8_is_a_build_error(tmp_path, not_utf8):
     ):
         _build(tmp_path, raw)
     assert not (tmp_path / "data" / "mine").exists()
+
+
+def write_wide_cases(raw: Path, num_cases: int = 6) -> np.ndarray:
+    """nnU-Net layout of 2D (32, 8) cases at 1 mm whose two structures (x 4..11 and
+    28..30, 44 voxels) do not fit one (16, 8) window: centred on their box (start 10), the
+    window keeps 8 voxels. Splits: train case000-002, valid case003, test case004-005."""
+    (raw / "imagesTr").mkdir(parents=True)
+    (raw / "labelsTr").mkdir()
+    meta = {"channel_names": {"0": "US"}, "labels": {"background": 0, "muscle": 1},
+            "numTraining": num_cases, "file_ending": ".nii.gz"}  # fmt: skip
+    (raw / "dataset.json").write_text(json.dumps(meta))
+    label = np.zeros((32, 8), np.uint8)
+    label[4:12, 2:6] = 1
+    label[28:31, 2:6] = 1
+    geometry = Geometry.identity(label.shape, (1.0, 1.0))
+    for i in range(num_cases):
+        image = 50.0 * label + np.random.default_rng(i).normal(0, 5, size=label.shape)
+        write_image(raw / "imagesTr" / f"case{i:03d}_0000.nii.gz", image, geometry)
+        write_image(raw / "labelsTr" / f"case{i:03d}.nii.gz", label, geometry)
+    splits = {"train": ["case000", "case001", "case002"], "valid": ["case003"],
+              "test": ["case004", "case005"]}  # fmt: skip
+    (raw / "splits.json").write_text(json.dumps(splits))
+    return label
+
+
+def test_cases_are_stored_whole_and_training_reads_the_window(tmp_path, caplog):
+    """Valid and test cases hold the whole (32, 8) grid, all 44 voxels; training reads the
+    (16, 8) window with 8 of them, and the build says so: 3 train + 1 valid warnings (a
+    valid case trains in folds), and `window_drops` counts 36 voxels per case."""
+    raw = tmp_path / "raw"
+    label = write_wide_cases(raw)
+    with caplog.at_level("WARNING"):
+        info = _build(tmp_path, raw, spacing=(1.0, 1.0), shape=(16, 8))
+    warned = [r.getMessage() for r in caplog.records if "training window drops" in r.getMessage()]
+    assert len(warned) == 4 and all("36 foreground voxels" in m for m in warned)
+    assert info.image_shape == (16, 8)
+    data = tmp_path / "data"
+    for split in ("valid", "test"):
+        example = imgx_data.data_source("mine", split, data)[0]
+        assert example["image"].shape == (32, 8, 1), split
+        np.testing.assert_array_equal(example["label"], label)
+        np.testing.assert_array_equal(example["window_start"], (10, 0))
+    train = imgx_data.data_source("mine", "train", data)
+    example = train[0]
+    assert example["image"].shape == (16, 8, 1) and int(example["label"].sum()) == 8
+    np.testing.assert_array_equal(example["label"], label[10:26])
+    np.testing.assert_array_equal(example["crop_start"], (10, 0))
+    np.testing.assert_allclose(example["origin"], (10.0, 0.0))
+    assert imgx_data.data_source("mine", "train", data, windows=False)[0]["label"].shape == (32, 8)
+    assert imgx_data.data_source("mine", "valid", data, windows=True)[0]["label"].shape == (16, 8)
+    drops = imgx_data.window_drops("mine", "train", data)
+    assert drops == {
+        "num_cases": 3,
+        "cases_dropping_foreground": 3,
+        "voxels": 108,
+        "by_case": {"case000": 36, "case001": 36, "case002": 36},
+    }
+    assert imgx_data.window_drops("mine", "valid", data)["voxels"] == 36
+    # Folds draw from train + valid: the held-out fold is whole, its training cases windows.
+    folds = imgx_data.cross_validation_folds("mine", data, num_folds=2)
+    valid = imgx_data.data_source("mine", "valid", data, fold=0, num_folds=2)
+    assert [valid[i]["uid"] for i in range(len(valid))] == folds[0]["val"]
+    assert all(valid[i]["label"].shape == (32, 8) for i in range(len(valid)))
+    train = imgx_data.data_source("mine", "train", data, fold=0, num_folds=2)
+    assert all(train[i]["label"].shape == (16, 8) for i in range(len(train)))
+    fold_drops = imgx_data.window_drops("mine", "train", data, fold=0, num_folds=2)
+    assert sorted(fold_drops["by_case"]) == folds[0]["train"]
+    assert fold_drops["voxels"] == 36 * len(folds[0]["train"])

@@ -15,6 +15,7 @@ from imgx_data.preprocess import (
     resampled_grid,
     restore_probabilities,
     restore_to_original,
+    training_window,
 )
 
 ROTATED = Geometry(
@@ -189,11 +190,51 @@ def test_restore_probabilities_is_linear_then_argmax_not_nearest_labels():
 
 
 def test_whole_case_keeps_the_foreground_the_window_drops():
-    """Stored whole (as test cases are), the (32, 8) grid is kept: all 44 voxels."""
+    """Stored whole (as every case is), the (32, 8) grid is kept: all 44 voxels; the
+    training window is remembered by its start (10, 0) and still drops 36 of them."""
     case, label = outside_crop_case()
     whole = case.whole()
-    assert whole.crop_start == (0, 0) and whole.cropped_foreground == 0
+    assert whole.crop_start == (0, 0) and whole.window_start == (10, 0)
+    assert whole.cropped_foreground == 36
     np.testing.assert_array_equal(whole.label, label)
     assert whole.geometry == case.original
     assert whole.image.shape == (32, 8, 1)
     assert whole.resampled is None  # already whole
+
+
+def test_training_window_of_a_whole_case_is_the_stored_window():
+    """Reading the window back from the whole example gives the crop of the old builds:
+    the same arrays, origin and crop start (x 10..25, origin 10 mm)."""
+    case, _ = outside_crop_case()
+    window = case.to_example("u")
+    whole = case.whole().to_example("u")
+    np.testing.assert_array_equal(whole["window_start"], (10, 0))
+    read = training_window(whole, (16, 8))
+    for key in ("image", "label", "origin", "crop_start", "spacing", "original_label"):
+        np.testing.assert_array_equal(read[key], window[key], err_msg=key)
+    np.testing.assert_array_equal(read["window_start"], (0, 0))
+    assert read["cropped_foreground"] == 36
+    np.testing.assert_allclose(read["origin"], (10.0, 0.0))
+    # A window example (or one of an older build without window_start) is kept as it is.
+    assert training_window(read, (16, 8))["label"] is read["label"]
+    old = {k: v for k, v in window.items() if k != "window_start"}
+    assert training_window(old, (16, 8))["label"] is old["label"]
+
+
+def test_padded_whole_case_keeps_its_window_inside_the_padding():
+    """A (6, 8) case in a (16, 8) window is padded 5 before and stored (16, 8): whole and
+    window are one array, window start 0, crop start -5."""
+    label = np.zeros((6, 8), np.uint8)
+    label[1:3, 2:4] = 1
+    geometry = Geometry.identity(label.shape, (1.0, 1.0))
+    case = preprocess_volume(
+        array_to_sitk(label.astype(np.float32), geometry),
+        array_to_sitk(label, geometry),
+        target_spacing=None,
+        target_shape=(16, 8),
+        intensity="identity",
+    )
+    whole = case.whole()
+    assert whole.crop_start == (-5, 0) and whole.window_start == (0, 0)
+    assert whole.cropped_foreground == 0
+    np.testing.assert_array_equal(whole.label, case.label)

@@ -163,7 +163,7 @@ def test_a_phantom_of_an_older_format_is_built_again_with_its_options(tmp_path):
     old = json.loads(record.read_text())
     del old["format"]
     record.write_text(json.dumps(old))
-    with pytest.raises(DatasetError, match=r"format default -> 2.*--overwrite"):
+    with pytest.raises(DatasetError, match=r"format default -> 3.*--overwrite"):
         imgx_data.build("phantom", data_dir=tmp_path, split_sizes=(2, 1, 1))
     info = imgx_data.ensure_built("phantom", tmp_path)
     assert json.loads(record.read_text())["format"] == registry.BUILD_FORMAT

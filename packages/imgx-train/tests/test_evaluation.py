@@ -282,8 +282,9 @@ def test_whole_test_case_of_another_shape_goes_through_sliding_windows(run, monk
 
 
 def outside_crop_example():
-    """The label file (32, 8) and the stored example of its (16, 8) crop (8 of 44
-    foreground voxels kept; test_preprocess.outside_crop_case)."""
+    """The label file (32, 8), the example of its (16, 8) crop as builds before whole cases
+    stored it (8 of 44 foreground voxels kept, no window_start;
+    test_preprocess.outside_crop_case) and the example stored whole."""
     label = np.zeros((32, 8), np.uint8)
     label[4:12, 2:6] = 1
     label[28:31, 2:6] = 1
@@ -295,7 +296,8 @@ def outside_crop_example():
         target_shape=(16, 8),
         intensity="identity",
     )
-    return label, case.to_example("outside"), case.whole().to_example("outside")
+    crop = {k: v for k, v in case.to_example("outside").items() if k != "window_start"}
+    return label, crop, case.whole().to_example("outside")
 
 
 def test_summary_counts_the_foreground_the_crops_drop(run, monkeypatch, caplog):
@@ -313,3 +315,39 @@ def test_summary_counts_the_foreground_the_crops_drop(run, monkeypatch, caplog):
     assert written["metrics_grid"] == "original"
     # At most the 8 stored voxels can be found of the 44: Dice <= 2 * 8 / (8 + 44).
     assert written["per_class"]["muscle"]["dice"]["mean"] <= 16 / 52 + 1e-6
+
+
+def test_summary_counts_what_the_training_windows_drop(run, summary, tmp_path, caplog):
+    """The phantom's windows are its whole images (nothing dropped); a build whose (32, 8)
+    cases hold two structures too far apart for the (16, 8) window drops 36 voxels of each
+    of its 3 train cases, which training warns about (and the summary counts)."""
+    assert summary["training_windows"] == {
+        "num_cases": 4, "cases_dropping_foreground": 0, "voxels": 0, "by_case": {}
+    }  # fmt: skip
+    raw = tmp_path / "raw"
+    (raw / "imagesTr").mkdir(parents=True)
+    (raw / "labelsTr").mkdir()
+    label, _, _ = outside_crop_example()
+    grid = imgx_data.Geometry.identity(label.shape, (1.0, 1.0))
+    for i in range(5):
+        image = 50.0 * label + np.random.default_rng(i).normal(0, 5, label.shape)
+        imgx_data.write_image(raw / "imagesTr" / f"c{i}_0000.nii.gz", image, grid)
+        imgx_data.write_image(raw / "labelsTr" / f"c{i}.nii.gz", label, grid)
+    (raw / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": "US"}, "labels": {"background": 0, "muscle": 1},
+        "numTraining": 5, "file_ending": ".nii.gz"}))  # fmt: skip
+    splits = {"train": ["c0", "c1", "c2"], "valid": ["c3"], "test": ["c4"]}
+    (raw / "splits.json").write_text(json.dumps(splits))
+    imgx_data.build("nifti_folder", manual_dir=raw, data_dir=tmp_path / "data", name="wide",
+                    spacing=(1.0, 1.0), shape=(16, 8))  # fmt: skip
+    cfg = evaluation.restore_run(run).cfg
+    cfg = dataclasses.replace(
+        cfg, data=dataclasses.replace(cfg.data, name="wide", data_dir=str(tmp_path / "data"))
+    )
+    with caplog.at_level("WARNING"):
+        drops = evaluation.warn_about_training_windows(cfg, (16, 8))
+    assert drops == {
+        "num_cases": 3, "cases_dropping_foreground": 3, "voxels": 108,
+        "by_case": {"c0": 36, "c1": 36, "c2": 36},
+    }  # fmt: skip
+    assert "16x8 training windows of 3 of 3 train cases drop 108 foreground voxels" in caplog.text

@@ -6,7 +6,8 @@ Public API (re-exported here)::
     cross_validation_folds, postprocess, plan, dataset_plan,
     planning (fingerprint and training plan of a folder),
     DatasetInfo, DataSource, DatasetError, io (read_image, write_image, Geometry, ...),
-    restore_to_original, resample_to_geometry, find_scans, prepare_scan, restore_scan_label,
+    restore_to_original, resample_to_geometry, training_window, window_drops, find_scans,
+    prepare_scan, restore_scan_label,
     TrainIterator, eval_batches, AugmentationConfig, augment_batch, augment_sample,
     min_max_rescale, patch_grid, gaussian_weight, sliding_window_inference
 """
@@ -27,6 +28,7 @@ from imgx_data.preprocess import (
     resample_to_geometry,
     restore_probabilities,
     restore_to_original,
+    training_window,
 )
 from imgx_data.registry import (
     DatasetInfo,
@@ -42,6 +44,7 @@ from imgx_data.registry import (
     list_datasets,
     plan,
     postprocess,
+    window_drops,
 )
 from imgx_data.scans import PreparedScan, find_scans, prepare_scan, restore_scan_label
 
@@ -75,6 +78,8 @@ __all__ = [
     "restore_scan_label",
     "restore_probabilities",
     "restore_to_original",
+    "training_window",
+    "window_drops",
     "write_image",
 ]
 __all__ += [

@@ -8,8 +8,10 @@ geometry and the original file's geometry are kept so that a prediction can be r
 back onto the original grid (:func:`restore_to_original`, or better
 :func:`restore_probabilities`: probabilities linearly, then the argmax), and the label file
 itself is kept on its own grid (``original_label``) so that metrics can be computed against
-it, as nnU-Net does, counting foreground the crop dropped (``cropped_foreground``). Test
-cases are stored whole instead (:meth:`PreprocessedCase.whole`).
+it, as nnU-Net does. Cases of every split are stored whole
+(:meth:`PreprocessedCase.whole`, build format 3): training reads the window centred on the
+foreground (:func:`training_window`; ``cropped_foreground`` counts what it drops),
+validation and test predict the whole case with sliding windows.
 
 All arrays are in ``(x, y[, z])`` order (see :mod:`imgx_data.io`).
 """
@@ -204,10 +206,13 @@ class PreprocessedCase:
         crop_start: start of the stored window in the resampled grid (negative = padding).
         original_label: uint8 label on the raw file's grid ``original.shape`` (the label
             file itself), the reference of test metrics.
-        cropped_foreground: foreground voxels of the resampled label outside the stored
-            window (dropped by the crop; 0 when the window holds all of it).
+        cropped_foreground: foreground voxels of the resampled label outside the training
+            window (0 when the window holds all of it): what training on the case never
+            sees.
         resampled: the whole scaled image and label on the resampled grid, and that grid
             (for :meth:`whole`), or None when the stored window is the whole grid.
+        window_start: where the training window (of the target shape) starts in
+            ``image``; None when ``image`` is that window.
     """
 
     image: np.ndarray
@@ -218,11 +223,17 @@ class PreprocessedCase:
     original_label: np.ndarray
     cropped_foreground: int = 0
     resampled: tuple[np.ndarray, np.ndarray, Geometry] | None = None
+    window_start: tuple[int, ...] | None = None
 
     def whole(self) -> PreprocessedCase:
         """The case stored whole: the entire resampled grid, padded symmetrically (with
         zeros) to at least the window's shape, so that no foreground is cropped away
-        (``crop_start`` is then ``-padding``, the true extent is ``original``'s)."""
+        (``crop_start`` is then ``-padding``, the true extent is ``original``'s).
+
+        The training window is kept as ``window_start``, its start in the whole array
+        (``crop_start`` of the window minus that of the whole grid), and
+        ``cropped_foreground`` still counts what that window drops.
+        """
         if self.resampled is None:
             return self
         image, label, grid = self.resampled
@@ -235,6 +246,8 @@ class PreprocessedCase:
             original=self.original,
             crop_start=start,
             original_label=self.original_label,
+            cropped_foreground=self.cropped_foreground,
+            window_start=tuple(int(w - s) for w, s in zip(self.crop_start, start, strict=True)),
         )
 
     def to_example(self, uid: str) -> dict[str, object]:
@@ -245,8 +258,36 @@ class PreprocessedCase:
             "label": self.label.astype(np.uint8),
             "original_label": np.asarray(self.original_label).astype(np.uint8),
             "cropped_foreground": np.int64(self.cropped_foreground),
+            "window_start": np.asarray(self.window_start or (0,) * self.label.ndim, np.int32),
             **geometry_features(self.geometry, self.original, self.crop_start),
         }
+
+
+def training_window(example: Mapping[str, np.ndarray], shape: Sequence[int]) -> dict:
+    """The training window of a case stored whole: ``image``/``label`` of ``shape`` from
+    ``window_start`` on, with the window's geometry (``origin``, ``crop_start``; zeros
+    outside the stored array), so that the example reads as if only the window were stored.
+
+    An example without ``window_start`` (built before whole storage) is its window already
+    and is returned as it is, as is one whose label already has ``shape`` at start 0.
+    """
+    shape = tuple(int(s) for s in shape)
+    if "window_start" not in example:
+        return dict(example)
+    start = tuple(int(s) for s in example["window_start"])
+    label = np.asarray(example["label"])
+    if label.shape == shape and not any(start):
+        return dict(example)
+    geometry, _ = example_geometry(example)
+    window = window_grid(geometry, start, shape)
+    return {
+        **example,
+        "image": extract_window(np.asarray(example["image"]), start, shape),
+        "label": extract_window(label, start, shape),
+        "origin": np.asarray(window.origin, np.float32),
+        "crop_start": np.asarray(example["crop_start"], np.int32) + np.asarray(start, np.int32),
+        "window_start": np.zeros(len(shape), np.int32),
+    }
 
 
 def geometry_features(

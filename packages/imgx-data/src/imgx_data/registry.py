@@ -16,7 +16,7 @@ import shutil
 import sys
 import tempfile
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,7 @@ from imgx_data.datasets.nifti_folder import read_layout
 from imgx_data.errors import DatasetError
 from imgx_data.folds import DEVELOPMENT_SPLITS, NUM_FOLDS, Folds, load_or_make_folds
 from imgx_data.postprocess import POSTPROCESSORS
-from imgx_data.preprocess import PERCENTILE, Intensity
+from imgx_data.preprocess import PERCENTILE, Intensity, training_window
 
 logger = logging.getLogger(__name__)
 
@@ -208,10 +208,12 @@ def build_command(name: str) -> str:
 
 #: The file in each dataset folder that records how imgx built it (see :func:`build`).
 BUILD_RECORD = "imgx_build.json"
-#: What the examples hold, recorded as the build parameter ``format``. 2: test cases whole,
-#: every example with its label on the original grid (``original_label``) and the count of
-#: foreground its window drops; builds without the parameter are format 1 (crops only).
-BUILD_FORMAT = 2
+#: What the examples hold, recorded as the build parameter ``format``. 3: every case stored
+#: whole with its training window (``window_start``), its label on the original grid
+#: (``original_label``) and the foreground the window drops; 2: the same, but train and
+#: valid cases stored as their window; builds without the parameter are format 1 (windows
+#: only, no label file).
+BUILD_FORMAT = 3
 
 
 def _plain(value: Any) -> Any:
@@ -580,14 +582,24 @@ class DataSource:
     ``uid`` is a str, ``image`` float32 ``(*spatial, channels)``, ``label`` uint8
     ``(*spatial)``, geometry fields as stored (see
     :func:`imgx_data.datasets.base.example_features`). ``fold`` is the cross-validation
-    fold whose ``train``/``valid`` cases it holds, None for the build's own split.
+    fold whose ``train``/``valid`` cases it holds, None for the build's own split. With
+    ``window_shape`` each case reads as its training window of that shape
+    (:func:`imgx_data.preprocess.training_window`), else whole.
     """
 
-    def __init__(self, source: Any, name: str, split: str, fold: int | None = None) -> None:
+    def __init__(
+        self,
+        source: Any,
+        name: str,
+        split: str,
+        fold: int | None = None,
+        window_shape: tuple[int, ...] | None = None,
+    ) -> None:
         self._source = source
         self.name = name
         self.split = split
         self.fold = fold
+        self.window_shape = window_shape
 
     def __len__(self) -> int:
         return len(self._source)
@@ -596,11 +608,16 @@ class DataSource:
         example = dict(self._source[index])
         uid = example["uid"]
         example["uid"] = uid.decode("utf-8") if isinstance(uid, bytes) else str(uid)
+        if self.window_shape is not None:
+            example = training_window(example, self.window_shape)
         return example
 
     def __repr__(self) -> str:
         fold = "" if self.fold is None else f", fold={self.fold}"
-        return f"DataSource(name={self.name!r}, split={self.split!r}{fold}, len={len(self)})"
+        window = "" if self.window_shape is None else f", window_shape={self.window_shape}"
+        return (
+            f"DataSource(name={self.name!r}, split={self.split!r}{fold}{window}, len={len(self)})"
+        )
 
 
 class _Selection:
@@ -624,18 +641,67 @@ def _built_info(name: str, data_dir: str | Path | None) -> DatasetInfo:
     return info
 
 
+def _light_sources(info: DatasetInfo, splits: Sequence[str]) -> dict[str, Any]:
+    """Sources of the non-empty ``splits`` that leave the arrays undecoded (uids, counts)."""
+    builder = tfds.builder_from_directory(str(info.path))
+    heavy = {"image", "label", "original_label"} & set(builder.info.features.keys())
+    skip = {key: tfds.decode.SkipDecoding() for key in heavy}
+    return {
+        split: builder.as_data_source(split=split, decoders=skip)
+        for split in splits
+        if info.split_sizes.get(split)
+    }
+
+
 def _development_uids(info: DatasetInfo) -> dict[str, list[str]]:
     """The uids of the build's train and valid splits, in storage order."""
-    builder = tfds.builder_from_directory(str(info.path))
-    skip = {"image": tfds.decode.SkipDecoding(), "label": tfds.decode.SkipDecoding()}
-    uids = {}
-    for split in DEVELOPMENT_SPLITS:
-        if not info.split_sizes.get(split):
-            uids[split] = []
-            continue
-        source = builder.as_data_source(split=split, decoders=skip)
-        uids[split] = [source[i]["uid"].decode("utf-8") for i in range(len(source))]
-    return uids
+    sources = _light_sources(info, DEVELOPMENT_SPLITS)
+    return {
+        split: [sources[split][i]["uid"].decode("utf-8") for i in range(len(sources[split]))]
+        if split in sources
+        else []
+        for split in DEVELOPMENT_SPLITS
+    }
+
+
+def window_drops(
+    name: str,
+    split: str = "train",
+    data_dir: str | Path | None = None,
+    *,
+    fold: int | None = None,
+    num_folds: int = NUM_FOLDS,
+) -> dict[str, Any] | None:
+    """How much foreground the training windows of a split (of a fold) drop.
+
+    Read without decoding the images. Returns ``{"num_cases": cases of the split,
+    "cases_dropping_foreground": cases whose window drops some, "voxels": foreground
+    voxels dropped in all, "by_case": {uid: voxels} of those cases}``, or None for a build
+    that did not record it (format 1).
+    """
+    info = _built_info(name, data_dir)
+    if fold is None or split == "test":
+        uids = None
+        sources = _light_sources(info, [split])
+    else:
+        uids = set(_fold_uids(info, split, fold, num_folds))
+        sources = _light_sources(info, DEVELOPMENT_SPLITS)
+    counts: dict[str, int] = {}
+    for source in sources.values():
+        for i in range(len(source)):
+            example = source[i]
+            if "cropped_foreground" not in example:
+                return None
+            uid = example["uid"].decode("utf-8")
+            if uids is None or uid in uids:
+                counts[uid] = int(example["cropped_foreground"])
+    dropping = {uid: n for uid, n in sorted(counts.items()) if n > 0}
+    return {
+        "num_cases": len(counts),
+        "cases_dropping_foreground": len(dropping),
+        "voxels": sum(dropping.values()),
+        "by_case": dropping,
+    }
 
 
 def cross_validation_folds(
@@ -661,8 +727,14 @@ def data_source(
     *,
     fold: int | None = None,
     num_folds: int = NUM_FOLDS,
+    windows: bool | None = None,
 ) -> DataSource:
     """Random-access source of a built dataset's split (``train``, ``valid``, ``test``).
+
+    Cases are stored whole; ``windows`` (default: for ``train`` only) reads each as its
+    training window of the dataset's ``image_shape``, centred on the foreground at build
+    time (:func:`imgx_data.preprocess.training_window`), so training batches have one
+    shape; validation and test cases come whole (predict them with sliding windows).
 
     With ``fold`` i (0 <= i < ``num_folds``), ``train`` holds the train cases of
     cross-validation fold i and ``valid`` its ``val`` cases (sorted by uid; see
@@ -674,26 +746,42 @@ def data_source(
     if split not in SPLITS:
         raise DatasetError(f"Unknown split {split!r}; valid splits: {', '.join(SPLITS)}.")
     info = _built_info(name, data_dir)
+    if windows is None:
+        windows = split == "train"
+    window_shape = tuple(info.image_shape) if windows else None
     builder = tfds.builder_from_directory(str(info.path))
     if fold is None or split == "test":
         if not info.split_sizes.get(split):
             raise DatasetError(
                 f"Split {split!r} of dataset {name!r} is empty ({info.split_sizes})."
             )
-        return DataSource(builder.as_data_source(split=split), name, split)
-    if not 0 <= fold < num_folds:
-        raise DatasetError(
-            f"Fold {fold} of dataset {name!r}: folds are numbered 0 to {num_folds - 1} "
-            f"(data.num_folds={num_folds})."
-        )
+        return DataSource(builder.as_data_source(split=split), name, split, None, window_shape)
     uids = _development_uids(info)
-    folds = load_or_make_folds(info.path, [u for s in uids.values() for u in s], num_folds)
+    chosen = _fold_uids(info, split, fold, num_folds, uids)
     sources = {s: builder.as_data_source(split=s) for s in DEVELOPMENT_SPLITS if uids[s]}
     where = {u: (sources[s], i) for s in DEVELOPMENT_SPLITS for i, u in enumerate(uids[s])}
+    return DataSource(_Selection([where[u] for u in chosen]), name, split, fold, window_shape)
+
+
+def _fold_uids(
+    info: DatasetInfo,
+    split: str,
+    fold: int,
+    num_folds: int,
+    uids: dict[str, list[str]] | None = None,
+) -> list[str]:
+    """The uids of cross-validation fold ``fold``'s ``train`` or ``valid`` (``val``) cases."""
+    if not 0 <= fold < num_folds:
+        raise DatasetError(
+            f"Fold {fold} of dataset {info.name!r}: folds are numbered 0 to {num_folds - 1} "
+            f"(data.num_folds={num_folds})."
+        )
+    uids = _development_uids(info) if uids is None else uids
+    folds = load_or_make_folds(info.path, [u for s in uids.values() for u in s], num_folds)
     chosen = folds[fold]["train" if split == "train" else "val"]
     if not chosen:
-        raise DatasetError(f"Fold {fold} of dataset {name!r} has no {split} cases.")
-    return DataSource(_Selection([where[u] for u in chosen]), name, split, fold)
+        raise DatasetError(f"Fold {fold} of dataset {info.name!r} has no {split} cases.")
+    return chosen
 
 
 def postprocess(name: str, label: np.ndarray, spacing: Any = None) -> np.ndarray:
@@ -729,4 +817,5 @@ __all__ = [
     "list_datasets",
     "plan",
     "postprocess",
+    "window_drops",
 ]

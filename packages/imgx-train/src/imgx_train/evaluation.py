@@ -253,6 +253,45 @@ def split_source(cfg: config_lib.Config, split: str) -> imgx_data.DataSource:
     )
 
 
+def training_windows(cfg: config_lib.Config) -> dict[str, Any] | None:
+    """What the training windows of the run's train split (of its fold) drop
+    (`imgx_data.window_drops`: cases, cases dropping foreground, voxels, voxels by case);
+    None for a build that did not record it, or a dataset that is not built here."""
+    try:
+        return imgx_data.window_drops(
+            cfg.data.name,
+            "train",
+            cfg.data.data_dir,
+            fold=cfg.data.fold,
+            num_folds=cfg.data.num_folds,
+        )
+    except imgx_data.DatasetError as exc:
+        logging.info("no training window count for %s: %s", cfg.data.name, exc)
+        return None
+
+
+def warn_about_training_windows(
+    cfg: config_lib.Config, image_shape: Sequence[int]
+) -> dict[str, Any] | None:
+    """Logs a warning when the training windows (`image_shape`) drop foreground; returns
+    the count (`training_windows`)."""
+    drops = training_windows(cfg)
+    if drops and drops["voxels"]:
+        worst = sorted(drops["by_case"].items(), key=lambda item: -item[1])[:3]
+        logging.warning(
+            "%s: the %s training windows of %d of %d train cases drop %d foreground voxels "
+            "(most: %s); training never sees them, validation and test score the whole "
+            "cases (summary.json training_windows); a larger data shape keeps them.",
+            cfg.data.name,
+            "x".join(map(str, image_shape)),
+            drops["cases_dropping_foreground"],
+            drops["num_cases"],
+            drops["voxels"],
+            ", ".join(f"{uid} {n}" for uid, n in worst),
+        )
+    return drops
+
+
 class Validator:
     """Mean foreground Dice on (part of) the validation split during training."""
 
@@ -565,7 +604,8 @@ def evaluate(
             stored_label, label, final, per_step = scored_case(task, example, probs, tolerance)
             rows.append(reports.case_row(uid, final, per_step))
             grid = "original" if "original_label" in example else "stored"
-            dropped = int(example.get("cropped_foreground", 0))
+            # A case stored whole (window_start recorded) loses nothing to its window here.
+            dropped = 0 if "window_start" in example else int(example.get("cropped_foreground", 0))
             cropped["num_cases"] += dropped > 0
             cropped["voxels"] += dropped
             if main and save_predictions:
@@ -594,6 +634,7 @@ def evaluate(
                 "seed": seed,
                 "metrics_grid": grid,
                 "cropped_foreground": cropped,
+                "training_windows": training_windows(cfg),
             }
         )
         if grid == "stored":
@@ -605,9 +646,9 @@ def evaluate(
             )
         if cropped["voxels"]:
             logging.warning(
-                "%s split: the stored crops of %d cases drop %d foreground voxels; they count "
-                "as missed in the metrics on the original grid (summary.json "
-                "cropped_foreground).",
+                "%s split: the stored crops of %d cases drop %d foreground voxels (a build "
+                "older than whole cases); they count as missed in the metrics on the "
+                "original grid (summary.json cropped_foreground).",
                 split,
                 cropped["num_cases"],
                 cropped["voxels"],

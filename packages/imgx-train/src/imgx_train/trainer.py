@@ -408,7 +408,9 @@ def _train(
     # Built inside jit so that each process creates its part of the replicated global
     # arrays (device_put cannot target devices of other hosts).
     state = jax.jit(lambda: init_state(cfg, task, tx), out_shardings=replicated)()
-    train_source = evaluation.split_source(cfg, "train")
+    train_source = evaluation.split_source(cfg, "train")  # training windows of whole cases
+    if main and not resuming:
+        evaluation.warn_about_training_windows(cfg, info.image_shape)
     iterator = imgx_data.TrainIterator(
         train_source,
         global_batch_size=cfg.data.global_batch_size,

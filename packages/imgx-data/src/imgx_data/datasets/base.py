@@ -39,14 +39,15 @@ def example_features(
 ) -> tfds.features.FeaturesDict:
     """TFDS features of one case: image/label on the stored grid plus both geometries.
 
-    Shapes (ndim = len(shape)): ``image`` float32 ``(*shape, channels)``, ``label`` uint8
-    ``shape`` for train and valid cases (a window of ``shape``), any spatial shape for test
-    cases (stored whole, padded to at least ``shape``); ``spacing``/``origin`` float32
-    ``(ndim,)`` in mm and ``direction``
-    ``(ndim * ndim,)`` of the stored grid; ``original_*`` the same for the raw file plus
-    ``original_shape``; ``crop_start`` int32 ``(ndim,)``, the stored window's start in the
-    resampled grid; ``original_label`` uint8 ``original_shape`` (variable), the label file
-    on its own grid; ``cropped_foreground`` int64, the foreground voxels the window dropped.
+    Shapes (ndim = len(shape)): ``image`` float32 ``(*spatial, channels)`` and ``label``
+    uint8 ``spatial``, the case stored whole at the target spacing (any spatial shape,
+    padded to at least ``shape``); ``spacing``/``origin`` float32 ``(ndim,)`` in mm and
+    ``direction`` ``(ndim * ndim,)`` of the stored grid; ``original_*`` the same for the raw
+    file plus ``original_shape``; ``crop_start`` int32 ``(ndim,)``, the stored grid's start
+    in the resampled grid (negative = padding); ``window_start`` int32 ``(ndim,)``, the
+    start of the training window of ``shape`` in the stored arrays; ``original_label``
+    uint8 ``original_shape`` (variable), the label file on its own grid;
+    ``cropped_foreground`` int64, the foreground voxels the training window drops.
     """
     ndim = len(shape)
 
@@ -56,7 +57,7 @@ def example_features(
     return tfds.features.FeaturesDict(
         {
             "uid": tfds.features.Text(),
-            # Train and valid cases have `shape`; test cases are stored whole (any shape).
+            # Cases are stored whole (any shape); training reads the window of `shape`.
             "image": tfds.features.Tensor(
                 shape=(*(None,) * ndim, num_channels), dtype=np.float32, encoding=encoding
             ),
@@ -73,6 +74,7 @@ def example_features(
             "original_origin": vector(ndim),
             "original_direction": vector(ndim * ndim),
             "crop_start": vector(ndim, np.int32),
+            "window_start": vector(ndim, np.int32),
         }
     )
 
@@ -234,29 +236,27 @@ class ImgxBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         if not any(splits.values()):
             raise DatasetError(f"{self.name}: no cases found in the raw files.")
         return {
-            split: self._generate_examples(cases, whole=split == "test")
-            for split, cases in splits.items()
-            if cases
+            split: self._generate_examples(cases, split) for split, cases in splits.items() if cases
         }
 
-    def _generate_examples(self, cases: Sequence[Any], *, whole: bool = False) -> Iterator[Example]:
-        """Yields ``(uid, example)`` per case, preprocessed by :meth:`_load`; with ``whole``
-        (the test split) each case is stored whole (:meth:`PreprocessedCase.whole`)."""
+    def _generate_examples(self, cases: Sequence[Any], split: str) -> Iterator[Example]:
+        """Yields ``(uid, example)`` per case, preprocessed by :meth:`_load` and stored whole
+        (:meth:`PreprocessedCase.whole`); a train or valid case (valid cases train in
+        cross-validation folds) whose training window drops foreground is warned about."""
         for case in cases:
             uid, processed = self._load(case)
-            if whole:
-                processed = processed.whole()
-            elif processed.cropped_foreground:
+            if processed.cropped_foreground and split != "test":
                 logging.warning(
-                    "%s: case %s: the stored %s window drops %d foreground voxels of the "
-                    "label; imgx test scores them against the label file (missed), and "
-                    "training never sees them: a larger target_shape keeps them.",
+                    "%s: %s case %s: the %s training window drops %d foreground voxels of the "
+                    "label; training never sees them (validation and test see the whole "
+                    "case): a larger target_shape keeps them.",
                     self.name,
+                    split,
                     uid,
                     self.target_shape,
                     processed.cropped_foreground,
                 )
-            yield uid, processed.to_example(uid)
+            yield uid, processed.whole().to_example(uid)
 
     @abc.abstractmethod
     def _load(self, case: Any) -> tuple[str, PreprocessedCase]:
