@@ -380,4 +380,13 @@ def test_own_nifti_folder(workdir):
     }
     summary = _check_test_outputs(_results(run, "test"), "lesion", sources=sources)
     assert list(summary["per_class"]) == ["background", "lesion"]
+    # Cases are stored whole: 8 slices of 2.5 mm are 10 of 2 mm, more than the 8-slice
+    # training window, so validation went through sliding windows of (24, 24, 8).
+    valid = imgx_data.data_source("lesion", "valid")[0]
+    assert valid["label"].shape == (24, 24, 10)
+    assert imgx_data.data_source("lesion", "train")[0]["label"].shape == (24, 24, 8)
+    assert _jsonl(run / "metrics" / "valid.jsonl")[-1]["num_cases"] >= 1
+    windows = summary["training_windows"]
+    assert windows["num_cases"] == built.split_sizes["train"]
+    assert windows["voxels"] == sum(windows["by_case"].values())
     imgx("train", "--data", "unknown_data", "--preset", "debug", expect=2)
