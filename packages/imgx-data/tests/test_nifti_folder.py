@@ -468,3 +468,21 @@ def test_cases_are_stored_whole_and_training_reads_the_window(tmp_path, caplog):
     fold_drops = imgx_data.window_drops("mine", "train", data, fold=0, num_folds=2)
     assert sorted(fold_drops["by_case"]) == folds[0]["train"]
     assert fold_drops["voxels"] == 36 * len(folds[0]["train"])
+
+
+def test_a_users_build_of_an_older_format_is_used_with_a_warning(tmp_path, caplog):
+    """A format-2 build (valid cases stored as windows) is the user's data: kept and used,
+    with a warning naming the rebuild; `imgx build` alike names the format change."""
+    raw = tmp_path / "raw"
+    write_nnunet(raw, 4, channels=1, shape=(4, 4, 2))
+    info = _build(tmp_path, raw)
+    record = info.path / "imgx_build.json"
+    old = json.loads(record.read_text())
+    record.write_text(json.dumps({**old, "format": 2}))
+    with caplog.at_level("WARNING"):
+        again = imgx_data.ensure_built("mine", tmp_path / "data")
+    assert again.split_sizes == info.split_sizes
+    assert "format 2, now 3" in caplog.text and "--overwrite" in caplog.text
+    assert json.loads(record.read_text())["format"] == 2  # nothing rebuilt
+    with pytest.raises(DatasetError, match=r"format 2 -> 3.*--overwrite"):
+        _build(tmp_path, raw)

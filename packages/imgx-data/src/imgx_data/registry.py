@@ -551,6 +551,18 @@ def ensure_built(name: str, data_dir: str | Path | None = None) -> DatasetInfo:
             or the name is unknown.
     """
     info = dataset_info(name, data_dir)
+    if info.is_built and name not in GENERATED:
+        stored = _stored_parameters(info.path) or {}
+        if stored.get("format") != BUILD_FORMAT:
+            logger.warning(
+                "%s: built by an older imgx (format %s, now %d): its valid cases are stored "
+                "as training windows, so validation sees less than a real scan%s; rebuild it "
+                "with the same `imgx build` command and --overwrite",
+                name,
+                stored.get("format", 1),
+                BUILD_FORMAT,
+                "" if stored.get("format") else " and test metrics are on the stored grid",
+            )
     if info.is_built and name in GENERATED:
         path = _dataset_path(name, _resolve_data_dir(data_dir))
         stored = _stored_parameters(path) or {}
