@@ -90,6 +90,7 @@ class Api:
         self.results = RESULTS
         self.predict_failures: list[tuple[str, str]] = []
         self.existing: DatasetInfo | None = None  # what existing_build finds
+        self.drops: dict[str, dict] = {}  # what window_drops finds, by split
 
     def names(self) -> list[str]:
         return [name for name, _, _ in self.calls]
@@ -150,6 +151,9 @@ class Api:
         self.calls.append(("existing_build", (dataset,), kwargs))
         return self.existing
 
+    def window_drops(self, name, split="train", data_dir=None, **kwargs):
+        return self.drops.get(split, {"num_cases": 1, "by_case": {}})
+
     def list_datasets(self, data_dir=None):
         self.calls.append(("list_datasets", (), {"data_dir": data_dir}))
         return [dataset_info("phantom", {"train": 240, "valid": 24, "test": 48}),
@@ -162,7 +166,7 @@ def api(monkeypatch, tmp_path):
     for name in ("train", "resume", "evaluate", "predict", "describe_run"):
         monkeypatch.setattr(imgx_train, name, getattr(fake, name), raising=False)
     monkeypatch.setattr(imgx_train, "TrainingInterrupted", TrainingInterrupted, raising=False)
-    for name in ("build", "existing_build", "list_datasets"):
+    for name in ("build", "existing_build", "list_datasets", "window_drops"):
         monkeypatch.setattr(imgx_data, name, getattr(fake, name), raising=False)
     monkeypatch.chdir(tmp_path)
     return fake

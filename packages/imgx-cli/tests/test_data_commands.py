@@ -36,6 +36,22 @@ def test_build_nifti_folder_geometry_in_any_spelling(api, imgx, spacing, shape):
     assert "imgx train --data liver" in out
 
 
+def test_build_warns_when_training_windows_drop_foreground(api, imgx):
+    api.drops = {
+        "train": {"num_cases": 8, "by_case": {"a": 5, "b": 40, "c": 7, "d": 1}},
+        "valid": {"num_cases": 1, "by_case": {"v": 9}},
+    }
+    code, out, _ = imgx("build", "nifti_folder", "--manual-dir", "raw", "--name", "liver")
+    assert code == 0
+    assert (
+        "warning: the 96x96 training windows of 5 of 9 train/valid cases drop 62 foreground "
+        "voxels (most: b 40, v 9, c 7); training never sees them" in out
+    )
+    api.drops = {}
+    code, out, _ = imgx("build", "nifti_folder", "--manual-dir", "raw", "--name", "liver")
+    assert "training windows" not in out
+
+
 def test_datasets_prints_a_table(api, imgx):
     code, out, _ = imgx("datasets")
     assert code == 0

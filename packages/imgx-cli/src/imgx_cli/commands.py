@@ -649,10 +649,39 @@ def build(
         return
     built = imgx_data.build(dataset, **where, overwrite=bool(overwrite), **options)
     _echo(f"built {built.name} ({_sizes(built.split_sizes)} cases) in {built.path}")
+    dropped = _window_drop_line(built, _path(data_dir))
+    if dropped:
+        _echo(dropped)
     plan = imgx_data.dataset_plan(built.name, data_dir=_path(data_dir))
     if plan is not None:
         _echo(*_plan_lines(built.name, plan))
     _echo(f"train with: imgx train --data {built.name}")
+
+
+def _window_drop_line(built: Any, data_dir: Path | None) -> str | None:
+    """One line when the training windows of the train and valid cases (valid cases train
+    in cross-validation folds) drop foreground, else None."""
+    import imgx_data
+
+    counts: dict[str, int] = {}
+    num_cases = 0
+    for split in ("train", "valid"):
+        if built.split_sizes.get(split):
+            drops = imgx_data.window_drops(built.name, split, data_dir=data_dir)
+            if drops is None:
+                return None
+            num_cases += drops["num_cases"]
+            counts.update(drops["by_case"])
+    if not counts:
+        return None
+    worst = sorted(counts.items(), key=lambda item: -item[1])[:3]
+    return (
+        f"warning: the {'x'.join(map(str, built.image_shape))} training windows of "
+        f"{len(counts)} of {num_cases} train/valid cases drop {sum(counts.values())} "
+        f"foreground voxels (most: {', '.join(f'{u} {n}' for u, n in worst)}); training "
+        "never sees them, validation and test predict whole cases; a larger --shape keeps "
+        "them"
+    )
 
 
 def _plan_lines(name: str, plan: Any) -> list[str]:
