@@ -152,6 +152,8 @@ def test_build_output_in_a_log_file_has_no_progress_bars(tmp_path, capfd):
     imgx_data.build("phantom", data_dir=tmp_path, split_sizes=(2, 1, 1))
     out, err = capfd.readouterr()
     assert "\r" not in out + err and "\x1b" not in out + err
+    # Nor TFDS's "Downloading and preparing dataset Unknown size ... to <temporary dir>".
+    assert "Downloading" not in out + err and ".imgx-build-" not in out + err
 
 
 def test_a_phantom_of_an_older_format_is_built_again_with_its_options(tmp_path):

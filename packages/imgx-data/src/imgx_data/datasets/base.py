@@ -199,6 +199,11 @@ class ImgxBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         dataset into place afterwards, so TFDS's "prepared to <dir>" would name the wrong
         folder."""
 
+    def _log_download_bytes(self) -> None:
+        """No TFDS "Downloading and preparing dataset Unknown size ... to <temporary dir>"
+        line: imgx downloads nothing, and the folder is the temporary one."""
+        logging.info("%s: preparing the examples", self.name)
+
     @classmethod
     def default_options(cls) -> dict[str, Any]:
         """The options :func:`imgx_data.build` passes to this builder, with their defaults.
