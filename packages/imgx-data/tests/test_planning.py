@@ -69,6 +69,22 @@ def test_batch_size_rule():
     assert planning.batch_size(sample, 30e6, (100, 100), 1e7) == 30
     # Never below 2, even when the budget holds one sample.
     assert planning.batch_size(sample, 1e6, (100, 100), 1e7) == 2
+    # Never above the fewest cases a run trains on (else no epoch holds a batch).
+    assert planning.batch_size(sample, 100e6, (100, 100), 1e6, max_batch=8) == 8
+    assert planning.batch_size(sample, 100e6, (100, 100), 1e6, max_batch=20) == 13
+    assert planning.batch_size(sample, 1e6, (100, 100), 1e7, max_batch=1) == 1
+
+
+def test_plan_batch_fits_the_smallest_training_set_of_the_build(tmp_path):
+    """18 train + valid cases of 2D 16x16: the voxel floor gives 512 images; fold
+    training sets hold 18 - ceil(18 / 5) = 14 cases, fewer than the 16 train cases."""
+    raw = tmp_path / "raw"
+    write_nnunet(raw, 20, channels=1, shape=(16, 16), spacings=((1.0, 1.0),))
+    splits = {"train": [f"case{i:03d}" for i in range(16)], "valid": ["case016", "case017"],
+              "test": ["case018", "case019"]}  # fmt: skip
+    (raw / "splits.json").write_text(json.dumps(splits))
+    imgx_data.build("nifti_folder", manual_dir=raw, data_dir=tmp_path / "data", name="few")
+    assert imgx_data.dataset_plan("few", tmp_path / "data").batch_size == 14
 
 
 def test_fit_patch_shrinks_the_axis_largest_relative_to_the_median():
@@ -198,7 +214,10 @@ def test_build_writes_plan_json_and_plan_replans(tmp_path):
         planning.NETWORKS[plan.device].base_channels * 2**level for level in range(3)
     )
     assert plan.patch_shape is None
-    assert plan.batch_size == min(2**17 // (24 * 24), plan.batch_size)
+    # The voxel floor allows 2^17 // (24 * 24) = 227 images, more than the train cases: the
+    # batch is all of them (a larger one would leave every epoch without a batch).
+    assert 2**17 // (24 * 24) > info.split_sizes["train"] >= 2
+    assert plan.batch_size == info.split_sizes["train"]
     saved = json.loads((info.path / planning.PLAN_FILE).read_text())
     assert saved["fingerprint"]["class_presence"] == [1.0, 1.0]
     assert not list(info.path.glob(".plan-*"))  # the temporary file was renamed
@@ -236,5 +255,7 @@ def test_anisotropic_3d_folder_build_and_plan(tmp_path):
     # step (1 slice) short of the stored 8 slices: patches with foreground oversampling.
     assert plan.median_shape == (16, 16, 4) and plan.num_channels == (8, 16)
     assert plan.patch_shape == (16, 16, 4) and plan.foreground_oversampling == 0.33
-    # Batch: the budget holds thousands; 5 % of 8 x 1024 voxels is 0; 2^17 / 1024 = 128.
-    assert plan.batch_size == 128
+    # Batch: the budget holds thousands; 5 % of 8 x 1024 voxels is 0; 2^17 / 1024 = 128;
+    # but a cross-validation fold trains on 9 - ceil(9 / 5) = 7 of the 8 train + 1 valid.
+    assert info.split_sizes == {"train": 8, "valid": 1, "test": 1}
+    assert plan.batch_size == 7

@@ -513,6 +513,20 @@ def test_data_not_built_leaves_no_run_dir(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_batch_larger_than_the_training_cases_is_a_clear_error_leaving_nothing(
+    data_dir, tmp_path
+):
+    """8 train cases and a batch of 9: no epoch would hold a batch (the iterator's error
+    came after the run folder was made, as a traceback)."""
+    cfg = _config(data_dir, "seg", "data.global_batch_size=9")
+    with pytest.raises(config_lib.ConfigError, match=r"global_batch_size=9 exceeds the 8 train"):
+        trainer.train(cfg, run_dir=tmp_path / "runs" / "run")
+    assert not (tmp_path / "runs").exists()
+    fold = _config(data_dir, "seg", "data.global_batch_size=9,data.fold=0")  # 5 folds of 10
+    with pytest.raises(config_lib.ConfigError, match=r"the 8 training cases of phantom \(fold 0\)"):
+        trainer.train(fold, run_dir=tmp_path / "runs" / "run")
+
+
 def test_ema_of_parameters(data_dir):
     """With decay d the EMA after one update is d·θ₀ + (1 − d)·θ₁."""
     cfg, task, tx, batch = _step_setup(data_dir, "optimizer.ema_decay=0.75")

@@ -365,16 +365,24 @@ def fit_patch(
 
 
 def batch_size(
-    sample_bytes: float, budget_bytes: float, patch_shape: Sequence[int], train_voxels: float
+    sample_bytes: float,
+    budget_bytes: float,
+    patch_shape: Sequence[int],
+    train_voxels: float,
+    max_batch: int | None = None,
 ) -> int:
-    """``clip(floor(budget / sample), 2, cap)`` with
-    ``cap = max(2, floor(0.05 train_voxels / prod(patch)), floor(2^17 / prod(patch)))``."""
+    """``min(clip(floor(budget / sample), 2, cap), max_batch)`` with
+    ``cap = max(2, floor(0.05 train_voxels / prod(patch)), floor(2^17 / prod(patch)))``.
+
+    ``max_batch``: the fewest cases a training run of the build has (its train split, or
+    a cross-validation fold's training cases), so that every epoch holds a batch."""
     by_memory = int(budget_bytes // max(sample_bytes, 1))
     voxels = math.prod(patch_shape)
     cap = max(
         MIN_BATCH, int(BATCH_DATASET_FRACTION * train_voxels // voxels), MIN_BATCH_VOXELS // voxels
     )
-    return max(MIN_BATCH, min(by_memory, cap))
+    batch = max(MIN_BATCH, min(by_memory, cap))
+    return batch if max_batch is None else max(1, min(batch, max_batch))
 
 
 # ---------------------------------------------------------------------------------------
@@ -474,6 +482,7 @@ def make_plan(
     num_train_cases: int,
     device: str,
     memory_gb: float,
+    max_batch: int | None = None,
 ) -> Plan:
     """The training plan from the fingerprint and the stored grid (rules above).
 
@@ -485,6 +494,8 @@ def make_plan(
         num_train_cases: cases in the train split (for the batch's 5 % rule).
         device: ``cpu``, ``gpu`` or ``tpu`` (chooses the network width).
         memory_gb: activation budget, GB.
+        max_batch: the fewest cases a training run of the build has (train split or a
+            cross-validation fold's training cases); the batch is at most that.
     """
     if device not in NETWORKS:
         raise DatasetError(f"Unknown device kind {device!r}; choose one of {sorted(NETWORKS)}.")
@@ -499,7 +510,7 @@ def make_plan(
     patch = fit_patch(median, stored, first, network, budget)
     channels = level_channels(network.base_channels, num_levels(patch, first))
     sample = sample_memory_bytes(patch, first, channels, network.num_res_blocks)
-    batch = batch_size(sample, budget, patch, num_train_cases * math.prod(median))
+    batch = batch_size(sample, budget, patch, num_train_cases * math.prod(median), max_batch)
     whole = patch == stored
     return Plan(
         device=device,

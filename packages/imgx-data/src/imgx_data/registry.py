@@ -456,13 +456,17 @@ def _write_plan(
     device: str | None,
 ) -> planning.Plan:
     device = device or planning.default_device()
+    num_train = info.split_sizes.get("train", 0)
+    development = num_train + info.split_sizes.get("valid", 0)
+    fold_train = development - -(-development // NUM_FOLDS)  # the largest fold held out
     plan = planning.make_plan(
         fingerprint,
         spacing=info.spacing,
         stored_shape=info.image_shape,
-        num_train_cases=info.split_sizes.get("train", 0),
+        num_train_cases=num_train,
         device=device,
         memory_gb=planning.default_memory_gb(device) if memory_gb is None else memory_gb,
+        max_batch=max(1, min(num_train, fold_train) if development >= NUM_FOLDS else num_train),
     )
     planning.write_plan(info.path, fingerprint, plan)
     return plan

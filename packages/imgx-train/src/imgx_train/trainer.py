@@ -340,6 +340,18 @@ def _check_new(run_dir: Path) -> None:
         )
 
 
+def _check_batch_size(cfg: config_lib.Config) -> None:
+    """A batch larger than the training cases leaves every epoch without one: ConfigError."""
+    num_cases = len(evaluation.split_source(cfg, "train"))
+    if cfg.data.global_batch_size > num_cases:
+        fold = "" if cfg.data.fold is None else f" (fold {cfg.data.fold})"
+        raise config_lib.ConfigError(
+            f"data.global_batch_size={cfg.data.global_batch_size} exceeds the {num_cases} "
+            f"training cases of {cfg.data.name}{fold}, so no epoch holds a batch; use at "
+            f"most {num_cases} (--batch-size N)."
+        )
+
+
 def _jit_train_step(cfg, task, tx, num_micro: int, replicated: NamedSharding):
     """The train step jitted for the mesh; the input state's buffers are donated."""
     return jax.jit(
@@ -359,6 +371,7 @@ def _run(
     runs.check_writable(run_dir if run_dir is not None else runs.RUNS_ROOT)
     # The data before the run directory: a dataset that is not built leaves nothing behind.
     info = imgx_data.ensure_built(cfg.data.name, data_dir=cfg.data.data_dir)
+    _check_batch_size(cfg)
     if run_dir is None:
         # Made by process 0 (each host would pick a name from its own clock).
         new = str(runs.new_run_dir(cfg)) if devices.is_main_process() else None
