@@ -294,6 +294,23 @@ def test_predict_ensemble_maps_are_the_closed_form_of_the_final_step(use_stub, t
 # Sliding windows: stitched patches equal one whole-image call of a per-voxel model.
 
 
+@pytest.mark.parametrize(("overlap", "num_windows"), [(None, 4 * 1), ((0, 0), 3 * 1)])
+def test_windows_overlap_by_half_a_window_by_default(overlap, num_windows):
+    """A whole (20, 8) case, windows (8, 8): half-window overlap (nnU-Net's step 0.5)
+    starts at x = 0, 4, 8, 12 (4 windows); no overlap at 0, 8, 12 (3)."""
+    seen = []
+
+    def counting_model(params, key, image):
+        seen.append(image.shape[0])
+        return per_voxel_model(params, key, image)
+
+    task = stub_task(patch_shape=(8, 8), overlap=overlap, model=counting_model)
+    task.cfg.data.eval_batch_size = 2  # one window per call
+    image = np.random.default_rng(0).normal(size=(20, 8, 1)).astype(np.float32)
+    evaluation.case_probabilities(task, counting_model, PARAMS, jax.random.key(0), image)
+    assert seen == [1] * num_windows
+
+
 @pytest.mark.parametrize(
     ("shape", "patch_shape", "overlap"),
     [((20, 17), (8, 8), (3, 2)), ((10, 9, 7), (4, 5, 4), (1, 2, 0))],

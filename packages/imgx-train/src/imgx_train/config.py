@@ -29,7 +29,8 @@ class DataConfig:
       data_dir: TFDS data dir; None means $IMGX_DATA_DIR, else $TFDS_DATA_DIR, else
         ~/tensorflow_datasets.
       patch_shape: spatial shape of training patches; None trains on whole images.
-      inference_overlap: sliding-window overlap in voxels per axis at inference.
+      inference_overlap: sliding-window overlap in voxels per axis at inference; None:
+        half a window on every axis (nnU-Net's step of 0.5), for cases larger than it.
       global_batch_size: samples per optimizer update over all devices and hosts.
       max_batch_per_device: larger per-device batches are split into gradient-accumulation
         micro-batches, so the update does not depend on the device count; None = no limit.

@@ -63,7 +63,8 @@ def case_probabilities(
     s drawn with the key `fold_in(key, s)`. With `last_step_only` only the final sampling
     step is copied back and stitched: `(*spatial, C, 1)`, K times less host memory.
     `patch_shape` gives the windows when the dataset has none (`data.patch_shape` None):
-    a test case stored whole, larger than the images the network was trained on.
+    a case stored whole, larger than the images the network was trained on. Windows
+    overlap by `data.inference_overlap`, by default half a window on every axis.
     """
     cfg = task.cfg
     patch_shape = cfg.data.patch_shape or patch_shape
@@ -79,7 +80,9 @@ def case_probabilities(
                 out = predict(params, sample_key, patches)[..., steps]
                 return out.reshape(*out.shape[:-2], -1)  # fold (C, K) into channels
 
-            overlap = cfg.data.inference_overlap or 0
+            overlap = cfg.data.inference_overlap
+            if overlap is None:  # nnU-Net's step of half a window (Isensee et al. 2021)
+                overlap = tuple(int(p) // 2 for p in patch_shape)
             flat = imgx_data.sliding_window_inference(
                 patches_fn,
                 image,

@@ -182,17 +182,12 @@ NAMED_PRESETS: dict[str, dict[str, Any]] = {
 def plan_overrides(plan: imgx_data.planning.Plan) -> dict[str, Any]:
     """The dotted-key overrides of a dataset's training plan (`imgx plan NAME`).
 
-    Patches smaller than the stored images slide at inference with half a patch of
-    overlap along the axes they do not cover.
+    Windows slide at inference with the default overlap, half a window on every axis
+    (cases are stored whole, so they can exceed the stored shape along any axis).
     """
-    overlap = None
-    if plan.patch_shape is not None:
-        overlap = tuple(
-            p // 2 if p < s else 0 for p, s in zip(plan.patch_shape, plan.stored_shape, strict=True)
-        )
     return {
         "data.patch_shape": plan.patch_shape,
-        "data.inference_overlap": overlap,
+        "data.inference_overlap": None,
         "data.global_batch_size": plan.batch_size,
         "data.eval_batch_size": plan.batch_size,
         "data.foreground_oversampling": plan.foreground_oversampling,
