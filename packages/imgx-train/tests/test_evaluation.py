@@ -270,6 +270,20 @@ def test_structure_outside_the_crop_counts_as_missed_on_the_original_grid(run):
     assert scores["dice"][1] == pytest.approx(1.0)
 
 
+def test_per_step_metrics_are_on_the_original_grid_too(run):
+    """Two sampling steps on the (16, 8) crop: step 0 all background, step 1 the stored
+    label. On the label file step 1 scores 2 * 8 / 52 (the case's Dice), not the crop's 1."""
+    task = evaluation.restore_run(run).task
+    _, example, _ = outside_crop_example()
+    eye = np.eye(task.num_channels, dtype=np.float32)
+    probs = np.stack([eye[np.zeros_like(example["label"])], eye[example["label"]]], axis=-1)
+    _, _, scores, per_step = evaluation.scored_case(task, example, probs, 1.0)
+    assert len(per_step) == 2
+    assert per_step[0]["dice"][1] == pytest.approx(0.0)
+    assert per_step[1]["dice"][1] == pytest.approx(2 * 8 / (8 + 44)) == scores["dice"][1]
+    assert scores["dice_resampled"][1] == pytest.approx(1.0)
+
+
 def test_whole_test_case_of_another_shape_goes_through_sliding_windows(run, monkeypatch):
     """A (32, 8) whole case with a (96, 96) network: padded into one window, scored on
     the label file (no foreground cropped)."""

@@ -206,12 +206,13 @@ def case_metrics(
 
 
 def original_label_of(
-    task: tasks.Task, example: dict[str, Any], probabilities: np.ndarray
+    task: tasks.Task, example: dict[str, Any], probabilities: np.ndarray, step: int = -1
 ) -> tuple[np.ndarray, imgx_data.Geometry]:
-    """The final label on the original file's grid: the final step's probabilities
-    resampled linearly onto that grid, then the argmax (nested regions: p >= 0.5) and the
-    dataset's post-processing with that grid's spacing (`imgx_data.restore_probabilities`)."""
-    restored, grid = imgx_data.restore_probabilities(probabilities[..., -1], example)
+    """The label on the original file's grid: the probabilities of sampling step `step`
+    (default the final one) resampled linearly onto that grid, then the argmax (nested
+    regions: p >= 0.5) and the dataset's post-processing with that grid's spacing
+    (`imgx_data.restore_probabilities`)."""
+    restored, grid = imgx_data.restore_probabilities(probabilities[..., step], example)
     label = np.asarray(task.labels_from_probabilities(restored))
     return imgx_data.postprocess(task.info.name, label, grid.spacing).astype(np.uint8), grid
 
@@ -224,23 +225,32 @@ def scored_case(
 
     The metrics are those of the label on the original grid against the label file
     (`original_label`), in mm of that grid (`original_spacing`): foreground the stored crop
-    dropped counts as missed. The stored-grid metrics of `case_metrics` are kept as
-    `<metric>_resampled`; per-step metrics (diffusion) are on the stored grid. Datasets
-    built before `original_label` was stored give the stored-grid metrics alone, and None
-    for the label on the original grid (`original_label_of` makes it).
+    dropped counts as missed. So are the per-step metrics (diffusion: every sampling
+    step's probabilities restored alike; the last step's are the case's metrics). The
+    stored-grid metrics of the final step (`case_metrics`) are kept as
+    `<metric>_resampled`. Datasets built before `original_label` was stored give the
+    stored-grid metrics alone, and None for the label on the original grid
+    (`original_label_of` makes it).
     """
     stored_label, stored, per_step = case_metrics(task, example, probabilities, tolerance_mm)
     if "original_label" not in example:
         return stored_label, None, stored, per_step
-    label, grid = original_label_of(task, example, probabilities)
-    original = metrics.per_class_metrics(
-        label,
-        np.asarray(example["original_label"]).astype(np.int32),
-        num_classes=task.info.num_classes,
-        spacing=grid.spacing,
-        tolerance_mm=tolerance_mm,
-        overlapping=task.overlapping,
-    )
+    reference = np.asarray(example["original_label"]).astype(np.int32)
+
+    def on_original_grid(step: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        label, grid = original_label_of(task, example, probabilities, step)
+        return label, metrics.per_class_metrics(
+            label,
+            reference,
+            num_classes=task.info.num_classes,
+            spacing=grid.spacing,
+            tolerance_mm=tolerance_mm,
+            overlapping=task.overlapping,
+        )
+
+    label, original = on_original_grid(-1)
+    if per_step:
+        per_step = [on_original_grid(k)[1] for k in range(len(per_step) - 1)] + [original]
     resampled = {f"{k}_resampled": v for k, v in stored.items()}
     return stored_label, label, original | resampled, per_step
 
