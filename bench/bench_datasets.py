@@ -7,7 +7,11 @@ Times, each in a fresh temporary data dir:
 - ``read_phantom_3d``: random-access reads from ``data_source`` (decode included), per s;
 - ``preprocess_ct``: one CT-like case (512×512×100 at 0.8×0.8×2.5 mm; quick: 256×256×50)
   resampled to 1.5×1.5×5 mm, HU-clipped, normalised and cropped to 192×128×128, seconds;
-- ``restore_ct``: putting its label back on the original grid, seconds.
+- ``restore_ct``: putting its label back on the original grid, seconds;
+- ``read_window_whole_ct`` / ``read_window_only_ct``: training reads per second of the
+  128×128×32 window of that case at 1.5×1.5×5 mm, from the case stored whole (as builds
+  store every case since format 3) and from a build of the window's field of view only
+  (what earlier builds stored for training), and their ratio ``window_read_ratio``.
 
 Usage: ``uv run python bench/bench_datasets.py [--quick] [--out FILE]``.
 """
@@ -18,6 +22,7 @@ import argparse
 import json
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -72,7 +77,54 @@ def run(quick: bool) -> dict[str, float]:
     )
     example = case.to_example("ct")
     results["restore_ct_s"], _ = _seconds(lambda: restore_to_original(example["label"], example))
+    whole = _window_reads(image, label, None, reads=10 if quick else 40)
+    only = _window_reads(image, label, case.crop_start, reads=10 if quick else 40)
+    results["read_window_whole_ct_per_s"] = whole
+    results["read_window_only_ct_per_s"] = only
+    results["window_read_ratio"] = only / whole
     return results
+
+
+WINDOW = (128, 128, 32)
+WINDOW_SPACING = (1.5, 1.5, 5.0)
+
+
+def _window_reads(image, label, window_start, reads: int) -> float:
+    """Training reads per second of the CT case's window from a nifti_folder build of the
+    whole case (``window_start`` None) or of the raw region under the window (its start in
+    the resampled grid given): three copies, train/valid/test."""
+    import SimpleITK as sitk
+
+    if window_start is not None:
+        # The raw voxels under the window: its start and size in raw (0.8, 0.8, 2.5) voxels.
+        factor = np.divide(WINDOW_SPACING, image.GetSpacing())
+        start = np.maximum(np.round(np.multiply(window_start, factor)), 0).astype(int)
+        size = np.minimum(
+            np.round(np.multiply(WINDOW, factor)), np.subtract(image.GetSize(), start)
+        )
+        image = sitk.RegionOfInterest(image, [int(v) for v in size], [int(v) for v in start])
+        label = sitk.RegionOfInterest(label, [int(v) for v in size], [int(v) for v in start])
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = Path(tmp) / "raw"
+        (raw / "imagesTr").mkdir(parents=True)
+        (raw / "labelsTr").mkdir()
+        for i in range(3):
+            sitk.WriteImage(image, str(raw / "imagesTr" / f"c{i}_0000.nii.gz"))
+            sitk.WriteImage(
+                sitk.Cast(label, sitk.sitkUInt8), str(raw / "labelsTr" / f"c{i}.nii.gz")
+            )
+        meta = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "organ": 1},
+                "file_ending": ".nii.gz"}  # fmt: skip
+        (raw / "dataset.json").write_text(json.dumps(meta))
+        splits = {"train": ["c0"], "valid": ["c1"], "test": ["c2"]}
+        (raw / "splits.json").write_text(json.dumps(splits))
+        data = Path(tmp) / "data"
+        imgx_data.build("nifti_folder", manual_dir=raw, data_dir=data, name="ct",
+                        spacing=WINDOW_SPACING, shape=WINDOW)  # fmt: skip
+        source = imgx_data.data_source("ct", "train", data)
+        assert source[0]["image"].shape[:-1] == WINDOW
+        elapsed, _ = _seconds(lambda: [source[0] for _ in range(reads)])
+    return reads / elapsed
 
 
 def main() -> None:

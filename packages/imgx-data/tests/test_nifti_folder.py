@@ -448,7 +448,16 @@ def test_cases_are_stored_whole_and_training_reads_the_window(tmp_path, caplog):
     np.testing.assert_array_equal(example["label"], label[10:26])
     np.testing.assert_array_equal(example["crop_start"], (10, 0))
     np.testing.assert_allclose(example["origin"], (10.0, 0.0))
-    assert imgx_data.data_source("mine", "train", data, windows=False)[0]["label"].shape == (32, 8)
+    # Read from the window stored beside the whole case: the whole arrays stay undecoded
+    # (no original_label in the example), the window equals the one cut from the case
+    # (read without the light source).
+    assert "original_label" not in example and "window_image" not in example
+    cut = imgx_data.DataSource(train._source, "mine", "train", None, (16, 8), light=None)[0]
+    for key in ("image", "label", "origin", "crop_start", "window_start", "spacing"):
+        np.testing.assert_array_equal(example[key], cut[key], err_msg=key)
+    assert "original_label" in cut
+    whole = imgx_data.data_source("mine", "train", data, windows=False)[0]
+    assert whole["label"].shape == (32, 8) and "window_image" not in whole
     assert imgx_data.data_source("mine", "valid", data, windows=True)[0]["label"].shape == (16, 8)
     drops = imgx_data.window_drops("mine", "train", data)
     assert drops == {

@@ -213,6 +213,8 @@ class PreprocessedCase:
             (for :meth:`whole`), or None when the stored window is the whole grid.
         window_start: where the training window (of the target shape) starts in
             ``image``; None when ``image`` is that window.
+        window: the training window's image and label when ``image`` is larger (stored
+            beside the whole case so that training decodes only them), else None.
     """
 
     image: np.ndarray
@@ -224,6 +226,7 @@ class PreprocessedCase:
     cropped_foreground: int = 0
     resampled: tuple[np.ndarray, np.ndarray, Geometry] | None = None
     window_start: tuple[int, ...] | None = None
+    window: tuple[np.ndarray, np.ndarray] | None = None
 
     def whole(self) -> PreprocessedCase:
         """The case stored whole: the entire resampled grid, padded symmetrically (with
@@ -248,6 +251,7 @@ class PreprocessedCase:
             original_label=self.original_label,
             cropped_foreground=self.cropped_foreground,
             window_start=tuple(int(w - s) for w, s in zip(self.crop_start, start, strict=True)),
+            window=None if shape == self.label.shape else (self.image, self.label),
         )
 
     def to_example(self, uid: str) -> dict[str, object]:
@@ -259,6 +263,18 @@ class PreprocessedCase:
             "original_label": np.asarray(self.original_label).astype(np.uint8),
             "cropped_foreground": np.int64(self.cropped_foreground),
             "window_start": np.asarray(self.window_start or (0,) * self.label.ndim, np.int32),
+            # A 2-voxel-wide placeholder when the stored arrays are the window (nothing
+            # stored twice; TFDS's BYTES encoding cannot read back an all-ones shape).
+            "window_stored": np.bool_(self.window is not None),
+            "window_image": np.asarray(
+                self.window[0]
+                if self.window
+                else np.zeros((2,) * self.label.ndim + self.image.shape[-1:]),
+                np.float32,
+            ),
+            "window_label": np.asarray(
+                self.window[1] if self.window else np.zeros((2,) * self.label.ndim), np.uint8
+            ),
             **geometry_features(self.geometry, self.original, self.crop_start),
         }
 
@@ -268,23 +284,40 @@ def training_window(example: Mapping[str, np.ndarray], shape: Sequence[int]) -> 
     ``window_start`` on, with the window's geometry (``origin``, ``crop_start``; zeros
     outside the stored array), so that the example reads as if only the window were stored.
 
-    An example without ``window_start`` (built before whole storage) is its window already
-    and is returned as it is, as is one whose label already has ``shape`` at start 0.
+    The window's arrays are the stored ``window_image``/``window_label`` when
+    ``window_stored`` (a case larger than its window; reading them needs no decoding of the
+    whole case; else they are a placeholder), else cut from ``image``/``label``. An
+    example without ``window_start`` (built before whole storage) is its window already
+    and is returned as it is, as is one whose label already has ``shape`` at start 0. The
+    output has no ``window_*`` arrays.
     """
     shape = tuple(int(s) for s in shape)
+    example = dict(example)
+    window_image = example.pop("window_image", None)
+    window_label = example.pop("window_label", None)
+    stored_window = bool(example.pop("window_stored", False))
     if "window_start" not in example:
-        return dict(example)
+        return example
     start = tuple(int(s) for s in example["window_start"])
-    label = np.asarray(example["label"])
-    if label.shape == shape and not any(start):
-        return dict(example)
-    geometry, _ = example_geometry(example)
-    window = window_grid(geometry, start, shape)
+    if stored_window:
+        image, label = np.asarray(window_image), np.asarray(window_label)
+    else:
+        label = np.asarray(example["label"])
+        if label.shape == shape and not any(start):
+            return example
+        image = extract_window(np.asarray(example["image"]), start, shape)
+        label = extract_window(label, start, shape)
+    stored = Geometry(
+        shape=shape,
+        spacing=tuple(float(v) for v in example["spacing"]),
+        origin=tuple(float(v) for v in example["origin"]),
+        direction=tuple(float(v) for v in example["direction"]),
+    )
     return {
         **example,
-        "image": extract_window(np.asarray(example["image"]), start, shape),
-        "label": extract_window(label, start, shape),
-        "origin": np.asarray(window.origin, np.float32),
+        "image": image,
+        "label": label,
+        "origin": np.asarray(window_grid(stored, start, shape).origin, np.float32),
         "crop_start": np.asarray(example["crop_start"], np.int32) + np.asarray(start, np.int32),
         "window_start": np.zeros(len(shape), np.int32),
     }

@@ -600,7 +600,11 @@ class DataSource:
     :func:`imgx_data.datasets.base.example_features`). ``fold`` is the cross-validation
     fold whose ``train``/``valid`` cases it holds, None for the build's own split. With
     ``window_shape`` each case reads as its training window of that shape
-    (:func:`imgx_data.preprocess.training_window`), else whole.
+    (:func:`imgx_data.preprocess.training_window`), else whole; ``light``, the same
+    examples read without decoding ``image``, ``label`` and ``original_label``, and the
+    features that decode them, then reads each case once and decodes the whole arrays
+    only when its window is not stored beside them, so that training never decompresses
+    a whole case it does not need.
     """
 
     def __init__(
@@ -610,8 +614,12 @@ class DataSource:
         split: str,
         fold: int | None = None,
         window_shape: tuple[int, ...] | None = None,
+        light: tuple[Any, Any] | None = None,
     ) -> None:
         self._source = source
+        self._light, self._light_features = (None, None)
+        if light is not None and window_shape is not None:
+            self._light, self._light_features = light
         self.name = name
         self.split = split
         self.fold = fold
@@ -621,11 +629,21 @@ class DataSource:
         return len(self._source)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        example = dict(self._source[index])
+        if self._light is not None:
+            example = dict(self._light[index])
+            for key in _HEAVY:
+                raw = example.pop(key, None)  # undecoded: training never needs the label
+                # file; image and label only when no stored window serves
+                if key != "original_label" and not example.get("window_stored", False):
+                    example[key] = self._light_features[key].decode_example_np(raw)
+        else:
+            example = dict(self._source[index])
         uid = example["uid"]
         example["uid"] = uid.decode("utf-8") if isinstance(uid, bytes) else str(uid)
         if self.window_shape is not None:
-            example = training_window(example, self.window_shape)
+            return training_window(example, self.window_shape)
+        for key in ("window_stored", "window_image", "window_label"):
+            example.pop(key, None)  # the arrays left undecoded: the whole case is read
         return example
 
     def __repr__(self) -> str:
@@ -657,10 +675,15 @@ def _built_info(name: str, data_dir: str | Path | None) -> DatasetInfo:
     return info
 
 
+#: The whole-case arrays: left undecoded where only uids, counts or the stored training
+#: window are read.
+_HEAVY = ("image", "label", "original_label")
+
+
 def _light_sources(info: DatasetInfo, splits: Sequence[str]) -> dict[str, Any]:
-    """Sources of the non-empty ``splits`` that leave the arrays undecoded (uids, counts)."""
+    """Sources of the non-empty ``splits`` that leave the whole-case arrays undecoded."""
     builder = tfds.builder_from_directory(str(info.path))
-    heavy = {"image", "label", "original_label"} & set(builder.info.features.keys())
+    heavy = set(_HEAVY) & set(builder.info.features.keys())
     skip = {key: tfds.decode.SkipDecoding() for key in heavy}
     return {
         split: builder.as_data_source(split=split, decoders=skip)
@@ -766,17 +789,35 @@ def data_source(
         windows = split == "train"
     window_shape = tuple(info.image_shape) if windows else None
     builder = tfds.builder_from_directory(str(info.path))
+    stores_windows = "window_label" in builder.info.features.keys()
+    # Whole cases leave the stored window undecoded.
+    skip = {}
+    if stores_windows and not windows:
+        skip = {key: tfds.decode.SkipDecoding() for key in ("window_image", "window_label")}
+
+    def read(split: str) -> Any:
+        return builder.as_data_source(split=split, decoders=skip or None)
+
     if fold is None or split == "test":
         if not info.split_sizes.get(split):
             raise DatasetError(
                 f"Split {split!r} of dataset {name!r} is empty ({info.split_sizes})."
             )
-        return DataSource(builder.as_data_source(split=split), name, split, None, window_shape)
+        light = None
+        if windows and stores_windows:
+            light = (_light_sources(info, [split])[split], builder.info.features)
+        return DataSource(read(split), name, split, None, window_shape, light)
     uids = _development_uids(info)
     chosen = _fold_uids(info, split, fold, num_folds, uids)
-    sources = {s: builder.as_data_source(split=s) for s in DEVELOPMENT_SPLITS if uids[s]}
-    where = {u: (sources[s], i) for s in DEVELOPMENT_SPLITS for i, u in enumerate(uids[s])}
-    return DataSource(_Selection([where[u] for u in chosen]), name, split, fold, window_shape)
+    sources = {s: read(s) for s in DEVELOPMENT_SPLITS if uids[s]}
+    where = {u: (s, i) for s in DEVELOPMENT_SPLITS for i, u in enumerate(uids[s])}
+    light = None
+    if windows and stores_windows:
+        lights = _light_sources(info, DEVELOPMENT_SPLITS)
+        selected = _Selection([(lights[where[u][0]], where[u][1]) for u in chosen])
+        light = (selected, builder.info.features)
+    selection = _Selection([(sources[where[u][0]], where[u][1]) for u in chosen])
+    return DataSource(selection, name, split, fold, window_shape, light)
 
 
 def _fold_uids(

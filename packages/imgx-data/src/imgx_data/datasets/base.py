@@ -47,7 +47,9 @@ def example_features(
     in the resampled grid (negative = padding); ``window_start`` int32 ``(ndim,)``, the
     start of the training window of ``shape`` in the stored arrays; ``original_label``
     uint8 ``original_shape`` (variable), the label file on its own grid;
-    ``cropped_foreground`` int64, the foreground voxels the training window drops.
+    ``cropped_foreground`` int64, the foreground voxels the training window drops;
+    ``window_image``/``window_label`` the training window's arrays when the case is larger
+    than the window (``window_stored``; training reads only them), else a placeholder.
     """
     ndim = len(shape)
 
@@ -75,6 +77,15 @@ def example_features(
             "original_direction": vector(ndim * ndim),
             "crop_start": vector(ndim, np.int32),
             "window_start": vector(ndim, np.int32),
+            # The training window's arrays when the case is larger than it (window_stored),
+            # else a placeholder.
+            "window_stored": tfds.features.Tensor(shape=(), dtype=np.bool_),
+            "window_image": tfds.features.Tensor(
+                shape=(*(None,) * ndim, num_channels), dtype=np.float32, encoding=encoding
+            ),
+            "window_label": tfds.features.Tensor(
+                shape=(None,) * ndim, dtype=np.uint8, encoding=encoding
+            ),
         }
     )
 
