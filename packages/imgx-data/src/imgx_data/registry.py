@@ -680,11 +680,14 @@ def _built_info(name: str, data_dir: str | Path | None) -> DatasetInfo:
 _HEAVY = ("image", "label", "original_label")
 
 
-def _light_sources(info: DatasetInfo, splits: Sequence[str]) -> dict[str, Any]:
-    """Sources of the non-empty ``splits`` that leave the whole-case arrays undecoded."""
+def _light_sources(
+    info: DatasetInfo, splits: Sequence[str], *, windows: bool = False
+) -> dict[str, Any]:
+    """Sources of the non-empty ``splits`` that leave the whole-case arrays undecoded, and
+    the stored training windows too unless ``windows``."""
     builder = tfds.builder_from_directory(str(info.path))
-    heavy = set(_HEAVY) & set(builder.info.features.keys())
-    skip = {key: tfds.decode.SkipDecoding() for key in heavy}
+    heavy = {*_HEAVY, *(() if windows else ("window_image", "window_label"))}
+    skip = {key: tfds.decode.SkipDecoding() for key in heavy & set(builder.info.features.keys())}
     return {
         split: builder.as_data_source(split=split, decoders=skip)
         for split in splits
@@ -805,7 +808,7 @@ def data_source(
             )
         light = None
         if windows and stores_windows:
-            light = (_light_sources(info, [split])[split], builder.info.features)
+            light = (_light_sources(info, [split], windows=True)[split], builder.info.features)
         return DataSource(read(split), name, split, None, window_shape, light)
     uids = _development_uids(info)
     chosen = _fold_uids(info, split, fold, num_folds, uids)
@@ -813,7 +816,7 @@ def data_source(
     where = {u: (s, i) for s in DEVELOPMENT_SPLITS for i, u in enumerate(uids[s])}
     light = None
     if windows and stores_windows:
-        lights = _light_sources(info, DEVELOPMENT_SPLITS)
+        lights = _light_sources(info, DEVELOPMENT_SPLITS, windows=True)
         selected = _Selection([(lights[where[u][0]], where[u][1]) for u in chosen])
         light = (selected, builder.info.features)
     selection = _Selection([(sources[where[u][0]], where[u][1]) for u in chosen])
