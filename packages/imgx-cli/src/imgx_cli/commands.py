@@ -663,25 +663,20 @@ def _window_drop_line(built: Any, data_dir: Path | None) -> str | None:
     in cross-validation folds) drop foreground, else None."""
     import imgx_data
 
-    counts: dict[str, int] = {}
-    num_cases = 0
+    total = {"num_cases": 0, "cases_dropping_foreground": 0, "voxels": 0, "by_case": {}}
     for split in ("train", "valid"):
         if built.split_sizes.get(split):
             drops = imgx_data.window_drops(built.name, split, data_dir=data_dir)
             if drops is None:
                 return None
-            num_cases += drops["num_cases"]
-            counts.update(drops["by_case"])
-    if not counts:
+            total["num_cases"] += drops["num_cases"]
+            total["by_case"].update(drops["by_case"])
+    if not total["by_case"]:
         return None
-    worst = sorted(counts.items(), key=lambda item: -item[1])[:3]
-    return (
-        f"warning: the {'x'.join(map(str, built.image_shape))} training windows of "
-        f"{len(counts)} of {num_cases} train/valid cases drop {sum(counts.values())} "
-        f"foreground voxels (most: {', '.join(f'{u} {n}' for u, n in worst)}); training "
-        "never sees them, validation and test predict whole cases; a larger --shape keeps "
-        "them"
-    )
+    total["cases_dropping_foreground"] = len(total["by_case"])
+    total["voxels"] = sum(total["by_case"].values())
+    described = imgx_data.describe_window_drops(total, built.image_shape, "train/valid")
+    return f"warning: {described}; a larger --shape keeps them"
 
 
 def _plan_lines(name: str, plan: Any) -> list[str]:

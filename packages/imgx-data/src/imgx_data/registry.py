@@ -746,6 +746,19 @@ def window_drops(
     }
 
 
+def describe_window_drops(drops: dict[str, Any], shape: Sequence[int], cases: str) -> str:
+    """One sentence on what training windows drop (``drops`` as :func:`window_drops`
+    gives it, ``cases`` naming them, e.g. ``"train"``), the three largest losses named."""
+    worst = sorted(drops["by_case"].items(), key=lambda item: -item[1])[:3]
+    return (
+        f"the {'x'.join(map(str, shape))} training windows of "
+        f"{drops['cases_dropping_foreground']} of {drops['num_cases']} {cases} cases drop "
+        f"{drops['voxels']} foreground voxels (most: "
+        f"{', '.join(f'{uid} {n}' for uid, n in worst)}); training never sees them, "
+        "validation and test see the whole cases"
+    )
+
+
 def cross_validation_folds(
     name: str, data_dir: str | Path | None = None, num_folds: int = NUM_FOLDS
 ) -> Folds:
@@ -871,6 +884,7 @@ __all__ = [
     "data_dir",
     "data_source",
     "dataset_info",
+    "describe_window_drops",
     "dataset_plan",
     "ensure_built",
     "existing_build",

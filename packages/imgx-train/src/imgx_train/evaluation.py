@@ -290,17 +290,10 @@ def warn_about_training_windows(
     the count (`training_windows`)."""
     drops = training_windows(cfg)
     if drops and drops["voxels"]:
-        worst = sorted(drops["by_case"].items(), key=lambda item: -item[1])[:3]
         logging.warning(
-            "%s: the %s training windows of %d of %d train cases drop %d foreground voxels "
-            "(most: %s); training never sees them, validation and test score the whole "
-            "cases (summary.json training_windows); a larger data shape keeps them.",
+            "%s: %s (summary.json training_windows); a larger data shape keeps them.",
             cfg.data.name,
-            "x".join(map(str, image_shape)),
-            drops["cases_dropping_foreground"],
-            drops["num_cases"],
-            drops["voxels"],
-            ", ".join(f"{uid} {n}" for uid, n in worst),
+            imgx_data.describe_window_drops(drops, image_shape, "train"),
         )
     return drops
 
