@@ -425,7 +425,7 @@ def write_wide_cases(raw: Path, num_cases: int = 6) -> np.ndarray:
     return label
 
 
-def test_cases_are_stored_whole_and_training_reads_the_window(tmp_path, caplog):
+def test_cases_are_stored_whole_and_training_reads_the_window(tmp_path, caplog, monkeypatch):
     """Valid and test cases hold the whole (32, 8) grid, all 44 voxels; training reads the
     (16, 8) window with 8 of them, and the build says so: 3 train + 1 valid warnings (a
     valid case trains in folds), and `window_drops` counts 36 voxels per case."""
@@ -467,6 +467,18 @@ def test_cases_are_stored_whole_and_training_reads_the_window(tmp_path, caplog):
         "by_case": {"case000": 36, "case001": 36, "case002": 36},
     }
     assert imgx_data.window_drops("mine", "valid", data)["voxels"] == 36
+    # Counted once at build (cases.json); read again from the records only without it.
+    index = json.loads((info.path / "cases.json").read_text())
+    assert index["splits"]["train"] == {
+        "uids": ["case000", "case001", "case002"],
+        "cropped_foreground": {"case000": 36, "case001": 36, "case002": 36},
+    }
+    with monkeypatch.context() as m:
+        m.setattr(imgx_data.registry, "_light_sources", None)  # no record is read
+        assert imgx_data.window_drops("mine", "train", data) == drops
+        assert len(imgx_data.cross_validation_folds("mine", data, num_folds=2)) == 2
+    (info.path / "cases.json").unlink()
+    assert imgx_data.window_drops("mine", "train", data) == drops
     # Folds draw from train + valid: the held-out fold is whole, its training cases windows.
     folds = imgx_data.cross_validation_folds("mine", data, num_folds=2)
     valid = imgx_data.data_source("mine", "valid", data, fold=0, num_folds=2)

@@ -436,6 +436,8 @@ def build(
             if not _is_built(built):
                 raise DatasetError(f"{dataset_name}: the build wrote no dataset to {built}.")
             (built / BUILD_RECORD).write_text(json.dumps(parameters, indent=2) + "\n")
+            index = _read_case_index(_info_from_disk(dataset_name, built))
+            (built / CASE_INDEX).write_text(json.dumps(index) + "\n")
             if name == NIFTI_FOLDER:
                 fingerprint = planning.fingerprint_layout(read_layout(raw))
                 _write_plan(_info_from_disk(dataset_name, built), fingerprint, None, None)
@@ -695,15 +697,47 @@ def _light_sources(
     }
 
 
+#: Written beside each build: per split the uids in storage order and the foreground each
+#: case's training window drops (cases that drop none left out), so that folds and counts
+#: need no pass over the records.
+CASE_INDEX = "cases.json"
+
+
+def _read_case_index(info: DatasetInfo) -> dict[str, Any]:
+    """The case index from one pass over the records (arrays undecoded): ``{"splits":
+    {split: {"uids": [...], "cropped_foreground": {uid: voxels}}}, "counted": bool}``,
+    ``counted`` False for builds that did not record the counts (format 1)."""
+    index: dict[str, Any] = {"splits": {}, "counted": True}
+    for split, source in _light_sources(info, SPLITS).items():
+        uids, dropped = [], {}
+        for i in range(len(source)):
+            example = source[i]
+            uids.append(example["uid"].decode("utf-8"))
+            if "cropped_foreground" not in example:
+                index["counted"] = False
+            elif int(example["cropped_foreground"]):
+                dropped[uids[-1]] = int(example["cropped_foreground"])
+        index["splits"][split] = {"uids": uids, "cropped_foreground": dropped}
+    return index
+
+
+def _case_index(info: DatasetInfo) -> dict[str, Any]:
+    """The build's :data:`CASE_INDEX`, or (builds made before it, or an unreadable one)
+    the same read from the records."""
+    try:
+        index = json.loads((info.path / CASE_INDEX).read_text(encoding="utf-8"))
+        sizes = {s: len(v["uids"]) for s, v in index["splits"].items()}
+        if sizes == {s: n for s, n in info.split_sizes.items() if n}:
+            return index
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+    return _read_case_index(info)
+
+
 def _development_uids(info: DatasetInfo) -> dict[str, list[str]]:
     """The uids of the build's train and valid splits, in storage order."""
-    sources = _light_sources(info, DEVELOPMENT_SPLITS)
-    return {
-        split: [sources[split][i]["uid"].decode("utf-8") for i in range(len(sources[split]))]
-        if split in sources
-        else []
-        for split in DEVELOPMENT_SPLITS
-    }
+    splits = _case_index(info)["splits"]
+    return {split: list(splits.get(split, {}).get("uids", [])) for split in DEVELOPMENT_SPLITS}
 
 
 def window_drops(
@@ -716,27 +750,23 @@ def window_drops(
 ) -> dict[str, Any] | None:
     """How much foreground the training windows of a split (of a fold) drop.
 
-    Read without decoding the images. Returns ``{"num_cases": cases of the split,
+    Read from the build's :data:`CASE_INDEX` (older builds: the records, arrays
+    undecoded). Returns ``{"num_cases": cases of the split,
     "cases_dropping_foreground": cases whose window drops some, "voxels": foreground
     voxels dropped in all, "by_case": {uid: voxels} of those cases}``, or None for a build
     that did not record it (format 1).
     """
     info = _built_info(name, data_dir)
+    index = _case_index(info)
+    if not index["counted"]:
+        return None
+    splits = index["splits"]
     if fold is None or split == "test":
-        uids = None
-        sources = _light_sources(info, [split])
+        uids = splits.get(split, {}).get("uids", [])
     else:
-        uids = set(_fold_uids(info, split, fold, num_folds))
-        sources = _light_sources(info, DEVELOPMENT_SPLITS)
-    counts: dict[str, int] = {}
-    for source in sources.values():
-        for i in range(len(source)):
-            example = source[i]
-            if "cropped_foreground" not in example:
-                return None
-            uid = example["uid"].decode("utf-8")
-            if uids is None or uid in uids:
-                counts[uid] = int(example["cropped_foreground"])
+        uids = _fold_uids(info, split, fold, num_folds, _development_uids(info))
+    dropped = {k: n for v in splits.values() for k, n in v["cropped_foreground"].items()}
+    counts = {uid: dropped.get(uid, 0) for uid in uids}
     dropping = {uid: n for uid, n in sorted(counts.items()) if n > 0}
     return {
         "num_cases": len(counts),
